@@ -33,11 +33,14 @@ class Denoiser:
       [B, L, D] (see `ModelSpec.output`).
   embed(ids [B, L]) -> [B, L, D]: learned token embeddings (Gaussian only).
   round_logits(x [B, L, D]) -> [B, L, V]: logits of p(w | x) (Gaussian only).
+  gamma(t [B]) -> [B]: a learned noise schedule gamma(t) = -log SNR(t),
+      monotone increasing in t (only with `ModelSpec.learned_schedule`).
   """
 
   predict: Callable[..., Array]
   embed: Optional[Callable[[Array], Array]] = None
   round_logits: Optional[Callable[[Array], Array]] = None
+  gamma: Optional[Callable[[Array], Array]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +56,9 @@ class ModelSpec:
   causal: causal attention (the AR baseline).
   self_conditioning: `predict` accepts a `self_cond` input of the same shape
       as its latent input.
+  learned_schedule: the model carries a monotone network gamma(t) = -log SNR
+      exposed as `Denoiser.gamma`, initialised to the line from
+      gamma_range[0] (t=0) to gamma_range[1] (t=1) (Kingma et al. 2021 sec. 5).
   """
 
   input: str
@@ -63,6 +69,8 @@ class ModelSpec:
   embed_vocab: Optional[int] = None
   causal: bool = False
   self_conditioning: bool = False
+  learned_schedule: bool = False
+  gamma_range: tuple[float, float] = (-10.0, 10.0)
 
 
 class Bound(NamedTuple):
