@@ -1,0 +1,43 @@
+"""The denoiser backbone and its binding to the `Denoiser` bundle.
+
+`build_model(spec, cfg, seed)` builds the one transformer for any process;
+`as_denoiser(model)` hands it to a process as plain callables. Train and
+sample steps split the model once (`graphdef, params = nnx.split(model)`)
+and call `as_denoiser(nnx.merge(graphdef, params))` inside `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from diffusion_text.config import ModelConfig
+from diffusion_text.models.denoiser import Transformer
+from diffusion_text.processes.base import Denoiser, ModelSpec
+
+
+def build_model(spec: ModelSpec, cfg: ModelConfig, seed: int) -> Transformer:
+  """The backbone `spec` asks for, sized by `cfg`, initialised from `seed`.
+
+  A missing `spec.latent_dim` (latent stem or embedding table) is taken from
+  `cfg.latent_dim`.
+  """
+  return Transformer(spec, cfg, rngs=nnx.Rngs(params=seed))
+
+
+def as_denoiser(model: Transformer) -> Denoiser:
+  """Bind the model's callables; extras it does not carry are None."""
+  spec = model.spec
+  return Denoiser(
+      predict=model,
+      embed=model.embed if spec.embed_vocab else None,
+      round_logits=model.round_logits if spec.embed_vocab else None,
+      gamma=model.gamma if spec.learned_schedule else None)
+
+
+def count_params(model: nnx.Module) -> int:
+  """Number of scalar parameters."""
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+__all__ = ["Transformer", "as_denoiser", "build_model", "count_params"]

@@ -1,0 +1,185 @@
+"""The one denoiser backbone: a DiT-style transformer over token sequences.
+
+Peebles & Xie 2023 (DiT, sec. 3.2): pre-norm attention + MLP blocks whose
+LayerNorms are modulated by the time embedding ("adaLN-zero": per-block
+shift, scale and a residual gate regressed from the cond vector, all
+zero-initialised so every block starts as the identity), and a final
+adaLN + zero-initialised linear head. Positions are rotary (RoFormer);
+attention is bidirectional, or causal for the AR baseline.
+
+The stem and the head are chosen by the process's `ModelSpec`:
+token ids (embedding table) or continuous latents (linear projection) in;
+logits or a latent-space vector out. Optional extras: a learned token
+embedding table (Diffusion-LM, Li et al. 2022, sec. 4.1) with tied rounding
+logits, and VDM's learned monotone gamma(t).
+
+The module holds only `nnx.Param` variables, so `nnx.split(model)` yields a
+plain parameter pytree for `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from diffusion_text.config import ModelConfig
+from diffusion_text.models.conditioning import MonotoneGamma, TimeEmbedding
+from diffusion_text.models.layers import (MLP, Attention, dense_init,
+                                          layer_norm, modulate)
+from diffusion_text.processes.base import ModelSpec
+
+Array = jax.Array
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block with adaLN-zero time conditioning."""
+
+  def __init__(self, cfg: ModelConfig, *, causal: bool, rngs: nnx.Rngs):
+    dtype = _DTYPES[cfg.dtype]
+    d = cfg.d_model
+    self.attn = Attention(d, cfg.num_heads, causal=causal, dtype=dtype,
+                          rngs=rngs)
+    self.mlp = MLP(d, cfg.mlp_ratio * d, dtype=dtype, rngs=rngs)
+    self.ada = nnx.Linear(cfg.cond_dim, 6 * d, dtype=dtype, rngs=rngs,
+                          kernel_init=nnx.initializers.zeros)
+
+  def __call__(self, x_BxLxD: Array, c_BxC: Array) -> Array:
+    mod_Bx6D = self.ada(jax.nn.silu(c_BxC)).astype(x_BxLxD.dtype)
+    (shift_a, scale_a, gate_a, shift_m, scale_m,
+     gate_m) = jnp.split(mod_Bx6D, 6, axis=-1)
+    h_BxLxD = self.attn(modulate(layer_norm(x_BxLxD), shift_a, scale_a))
+    x_BxLxD = x_BxLxD + gate_a[:, None, :] * h_BxLxD
+    h_BxLxD = self.mlp(modulate(layer_norm(x_BxLxD), shift_m, scale_m))
+    return x_BxLxD + gate_m[:, None, :] * h_BxLxD
+
+
+class Transformer(nnx.Module):
+  """Denoiser backbone; see the module docstring. Build with `build_model`."""
+
+  def __init__(self, spec: ModelSpec, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    if spec.latent_dim is None and (spec.input == "latents" or spec.embed_vocab):
+      spec = dataclasses.replace(spec, latent_dim=cfg.latent_dim)
+    _check(spec, cfg)
+    self.spec, self.cfg = spec, cfg
+    self.dtype = _DTYPES[cfg.dtype]
+    d = cfg.d_model
+
+    if spec.input == "tokens":
+      self.stem = nnx.Embed(spec.input_vocab, d, dtype=self.dtype, rngs=rngs)
+    else:
+      width = spec.latent_dim * (2 if spec.self_conditioning else 1)
+      self.stem = nnx.Linear(width, d, kernel_init=dense_init,
+                             dtype=self.dtype, rngs=rngs)
+    self.time = TimeEmbedding(cfg.cond_dim, rngs=rngs)
+
+    blocks = [Block(cfg, causal=spec.causal, rngs=rngs)
+              for _ in range(cfg.num_layers)]
+    if cfg.scan_layers:
+      # One Block whose every parameter has a leading [num_layers] axis,
+      # scanned over in `__call__`; same initial values as the loop layout.
+      graphdef, *_ = nnx.split(blocks[0])
+      states = [nnx.state(b) for b in blocks]
+      self.blocks = nnx.merge(
+          graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+    else:
+      self.blocks = nnx.List(blocks)
+
+    zeros = nnx.initializers.zeros
+    self.final_ada = nnx.Linear(cfg.cond_dim, 2 * d, kernel_init=zeros,
+                                dtype=self.dtype, rngs=rngs)
+    # Zero-initialised head (DiT); bf16 matmul with a float32 result.
+    self.head = nnx.Linear(d, spec.output_dim, kernel_init=zeros,
+                           dtype=self.dtype,
+                           preferred_element_type=jnp.float32, rngs=rngs)
+
+    if spec.embed_vocab:
+      # Unit variance per coordinate, i.e. the scale of the unit-variance
+      # Gaussian noise it is mixed with (Diffusion-LM's nn.Embedding init).
+      self.token_embedding = nnx.Param(jax.random.normal(
+          rngs.params(), (spec.embed_vocab, spec.latent_dim), jnp.float32))
+    if spec.learned_schedule:
+      self.schedule = MonotoneGamma(spec.gamma_range, rngs=rngs)
+
+  # ------------------------------------------------------------ denoiser
+  def __call__(self, x: Array, t_B: Array,
+               self_cond: Optional[Array] = None) -> Array:
+    """x: int32 [B, L] ids or float [B, L, latent_dim]; t: [B] -> float32."""
+    if self.spec.input == "tokens":
+      h_BxLxD = self.stem(x)
+    else:
+      x_BxLxD = x.astype(jnp.float32)
+      if self.spec.self_conditioning:
+        if self_cond is None:
+          self_cond = jnp.zeros_like(x_BxLxD)
+        x_BxLxD = jnp.concatenate(
+            [x_BxLxD, self_cond.astype(jnp.float32)], axis=-1)
+      h_BxLxD = self.stem(x_BxLxD)
+    h_BxLxD = h_BxLxD.astype(self.dtype)
+
+    t_B = jnp.broadcast_to(jnp.asarray(t_B, jnp.float32), (x.shape[0],))
+    c_BxC = self.time(t_B)
+    h_BxLxD = self._blocks(h_BxLxD, c_BxC)
+
+    shift_BxD, scale_BxD = jnp.split(
+        self.final_ada(jax.nn.silu(c_BxC)).astype(self.dtype), 2, axis=-1)
+    h_BxLxD = modulate(layer_norm(h_BxLxD), shift_BxD, scale_BxD)
+    return self.head(h_BxLxD).astype(jnp.float32)
+
+  def _blocks(self, h_BxLxD: Array, c_BxC: Array) -> Array:
+    def apply(block, h, c):
+      return block(h, c)
+
+    if not self.cfg.scan_layers:
+      step = nnx.remat(apply) if self.cfg.remat else apply
+      for block in self.blocks:
+        h_BxLxD = step(block, h_BxLxD, c_BxC)
+      return h_BxLxD
+
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def body(h, layer_state):
+      return apply(nnx.merge(graphdef, layer_state), h, c_BxC), None
+
+    if self.cfg.remat:
+      body = jax.checkpoint(body)
+    h_BxLxD, _ = jax.lax.scan(body, h_BxLxD, stacked)
+    return h_BxLxD
+
+  # -------------------------------------------------------------- extras
+  def embed(self, ids_BxL: Array) -> Array:
+    """Learned token embeddings E[ids] -> [B, L, latent_dim] (float32)."""
+    return jnp.take(self.token_embedding[...], ids_BxL, axis=0)
+
+  def round_logits(self, x_BxLxD: Array) -> Array:
+    """Tied rounding logits x @ E^T -> [B, L, V] (float32)."""
+    return jnp.einsum("bld,vd->blv", x_BxLxD.astype(jnp.float32),
+                      self.token_embedding[...])
+
+  def gamma(self, t_B: Array) -> Array:
+    """Learned -log SNR(t), increasing, gamma(0), gamma(1) = gamma_range."""
+    return self.schedule(t_B)
+
+
+def _check(spec: ModelSpec, cfg: ModelConfig) -> None:
+  """Raise a clear error for a spec/config the backbone cannot build."""
+  if spec.input not in ("tokens", "latents"):
+    raise ValueError(f"ModelSpec.input must be 'tokens' or 'latents', "
+                     f"not {spec.input!r}")
+  if spec.output not in ("logits", "vector"):
+    raise ValueError(f"ModelSpec.output must be 'logits' or 'vector', "
+                     f"not {spec.output!r}")
+  if spec.input == "tokens" and not spec.input_vocab:
+    raise ValueError("ModelSpec.input='tokens' needs input_vocab")
+  if cfg.dtype not in _DTYPES:
+    raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, "
+                     f"not {cfg.dtype!r}")
+  if cfg.d_model % cfg.num_heads or (cfg.d_model // cfg.num_heads) % 2:
+    raise ValueError(f"model.d_model={cfg.d_model} must split into "
+                     f"model.num_heads={cfg.num_heads} heads of even width "
+                     "(rotary positions rotate feature pairs)")

@@ -1,0 +1,91 @@
+"""Transformer building blocks: norm, rotary positions, attention, MLP.
+
+Rotary position embeddings follow Su et al. 2021 (RoFormer, eq. 34) in the
+"rotate half" layout of GPT-NeoX. Attention is `jax.nn.dot_product_attention`
+(bidirectional, or causal for the AR baseline). Parameters are float32;
+`dtype` is the compute dtype (bf16 matmuls, fp32 norms and softmax).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+# DiT initialises every linear layer with Xavier-uniform.
+dense_init = nnx.initializers.xavier_uniform()
+
+
+def layer_norm(x_BxLxD: Array, eps: float = 1e-6) -> Array:
+  """LayerNorm without affine parameters (adaLN supplies shift and scale).
+
+  Statistics are taken in float32; the result has the input's dtype.
+  """
+  x = x_BxLxD.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  return ((x - mean) * jax.lax.rsqrt(var + eps)).astype(x_BxLxD.dtype)
+
+
+def modulate(x_BxLxD: Array, shift_BxD: Array, scale_BxD: Array) -> Array:
+  """DiT's adaLN modulation x * (1 + scale) + shift, broadcast over L."""
+  return x_BxLxD * (1 + scale_BxD[:, None, :]) + shift_BxD[:, None, :]
+
+
+def rotary(x_BxLxNxH: Array, base: float = 10_000.0) -> Array:
+  """Rotate query/key features by position (RoFormer eq. 34, half layout)."""
+  _, length, _, head_dim = x_BxLxNxH.shape
+  half = head_dim // 2
+  inv_freq_F = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_LxF = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq_F
+  cos_LxF = jnp.cos(angle_LxF)[None, :, None, :]
+  sin_LxF = jnp.sin(angle_LxF)[None, :, None, :]
+  x = x_BxLxNxH.astype(jnp.float32)
+  x1, x2 = x[..., :half], x[..., half:]
+  out = jnp.concatenate([x1 * cos_LxF - x2 * sin_LxF,
+                         x2 * cos_LxF + x1 * sin_LxF], axis=-1)
+  return out.astype(x_BxLxNxH.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with rotary positions."""
+
+  def __init__(self, d_model: int, num_heads: int, *, causal: bool,
+               dtype: jnp.dtype, rngs: nnx.Rngs):
+    if d_model % num_heads:
+      raise ValueError(f"d_model={d_model} is not divisible by "
+                       f"num_heads={num_heads}")
+    self.num_heads = num_heads
+    self.causal = causal
+    self.qkv = nnx.Linear(d_model, 3 * d_model, kernel_init=dense_init,
+                          dtype=dtype, rngs=rngs)
+    self.out = nnx.Linear(d_model, d_model, kernel_init=dense_init,
+                          dtype=dtype, rngs=rngs)
+
+  def __call__(self, x_BxLxD: Array) -> Array:
+    b, length, d = x_BxLxD.shape
+    qkv_BxLx3xNxH = self.qkv(x_BxLxD).reshape(
+        b, length, 3, self.num_heads, d // self.num_heads)
+    q_BxLxNxH = rotary(qkv_BxLx3xNxH[:, :, 0])
+    k_BxLxNxH = rotary(qkv_BxLx3xNxH[:, :, 1])
+    v_BxLxNxH = qkv_BxLx3xNxH[:, :, 2]
+    # The XLA implementation takes its softmax in float32 for bf16 inputs.
+    out_BxLxNxH = jax.nn.dot_product_attention(
+        q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, is_causal=self.causal)
+    return self.out(out_BxLxNxH.reshape(b, length, d))
+
+
+class MLP(nnx.Module):
+  """Position-wise feed-forward network with a tanh-GELU (as DiT)."""
+
+  def __init__(self, d_model: int, hidden: int, *, dtype: jnp.dtype,
+               rngs: nnx.Rngs):
+    self.up = nnx.Linear(d_model, hidden, kernel_init=dense_init,
+                         dtype=dtype, rngs=rngs)
+    self.down = nnx.Linear(hidden, d_model, kernel_init=dense_init,
+                           dtype=dtype, rngs=rngs)
+
+  def __call__(self, x_BxLxD: Array) -> Array:
+    return self.down(jax.nn.gelu(self.up(x_BxLxD), approximate=True))
