@@ -1,0 +1,183 @@
+"""Command line: diffusion-text {train, eval, sample, compare, data}."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+
+
+def _common_data_flags(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--data-dir", help="corpora directory (default: "
+                 "$DIFFUSION_TEXT_DATA); sets data.data_dir")
+  p.add_argument("--cache-dir", help="writable cache for prepared data "
+                 "(default: $DIFFUSION_TEXT_CACHE); sets data.cache_dir")
+  p.add_argument("--set", dest="overrides", action="append", default=[],
+                 metavar="KEY=VALUE", help="dotted config override, e.g. "
+                 "train.steps=200 or process.schedule=cosine (repeatable)")
+
+
+def _overrides(args) -> list[str]:
+  out = list(args.overrides)
+  if args.data_dir:
+    out.append(f"data.data_dir={args.data_dir}")
+  if args.cache_dir:
+    out.append(f"data.cache_dir={args.cache_dir}")
+  return out
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="diffusion-text",
+      description="Continuous and discrete text diffusion in one JAX core.")
+  sub = p.add_subparsers(dest="command", required=True)
+
+  t = sub.add_parser("train", help="train (or resume) a run in a workdir")
+  t.add_argument("--config", help="preset name in experiments/ or a .py file "
+                 "(optional when resuming a workdir)")
+  t.add_argument("--workdir", required=True)
+  _common_data_flags(t)
+
+  e = sub.add_parser("eval", help="NLL bound of a trained workdir")
+  e.add_argument("--workdir", required=True)
+  e.add_argument("--split", default=None, help="train | valid | test")
+  e.add_argument("--mc-samples", type=int, default=None,
+                 help="Monte-Carlo time samples per block")
+  e.add_argument("--max-blocks", type=int, default=None)
+  e.add_argument("--batch-size", type=int, default=None)
+  e.add_argument("--no-ema", action="store_true", help="raw, not EMA, params")
+  _common_data_flags(e)
+
+  s = sub.add_parser("sample", help="draw text from a trained workdir")
+  s.add_argument("--workdir", required=True)
+  s.add_argument("--num", type=int, default=4)
+  s.add_argument("--steps", type=int, default=0, help="reverse steps "
+                 "(0: the process default)")
+  s.add_argument("--length", type=int, default=0, help="tokens per sample")
+  s.add_argument("--seed", type=int, default=0)
+  s.add_argument("--prompt", help="fixed prefix text")
+  s.add_argument("--infill", help='template with ___ gaps, e.g. "A ___ B"')
+  s.add_argument("--temperature", type=float)
+  s.add_argument("--top-p", type=float)
+  s.add_argument("--sampler", help="sampler variant where the process has "
+                 "several (e.g. ddpm/ddim, ancestral/cached, euler/analytic)")
+  s.add_argument("--no-ema", action="store_true")
+
+  c = sub.add_parser("compare", help="one table over several workdirs")
+  c.add_argument("workdirs", nargs="+")
+  c.add_argument("--split", default="test")
+  c.add_argument("--out", help="write the Markdown table here")
+
+  d = sub.add_parser("data", help="prepare a config's data and print stats")
+  d.add_argument("--config", required=True)
+  _common_data_flags(d)
+  return p
+
+
+def cmd_train(args) -> int:
+  from diffusion_text import config as config_lib, train
+  workdir = pathlib.Path(args.workdir)
+  if args.config:
+    cfg = config_lib.load_preset(args.config)
+  elif (workdir / "config.json").exists():
+    cfg = train.load_config(workdir)
+  else:
+    raise config_lib.ConfigError(
+        f"--config is required for a new workdir; presets: "
+        f"{', '.join(config_lib.preset_names())}")
+  cfg = config_lib.apply_overrides(cfg, _overrides(args))
+  train.train(cfg, workdir)
+  return 0
+
+
+def cmd_eval(args) -> int:
+  from diffusion_text import train
+  from diffusion_text.eval import likelihood
+  cfg = train.load_config(pathlib.Path(args.workdir))
+  ev = cfg.eval
+  likelihood.evaluate_workdir(
+      args.workdir, split=args.split or ev.split,
+      mc_samples=args.mc_samples or ev.mc_samples,
+      max_blocks=ev.max_blocks if args.max_blocks is None else args.max_blocks,
+      batch_size=args.batch_size or ev.batch_size,
+      use_ema=ev.use_ema and not args.no_ema, seed=ev.seed,
+      overrides=_overrides(args))
+  return 0
+
+
+def cmd_sample(args) -> int:
+  from diffusion_text.eval import samples
+  texts = samples.sample_workdir(
+      args.workdir, num=args.num, steps=args.steps, length=args.length,
+      seed=args.seed, prompt=args.prompt, infill=args.infill,
+      use_ema=not args.no_ema,
+      options={"temperature": args.temperature, "top_p": args.top_p,
+               "sampler": args.sampler})
+  for i, text in enumerate(texts):
+    print(f"--- sample {i} ---\n{text}")
+  return 0
+
+
+def cmd_compare(args) -> int:
+  from diffusion_text.eval import likelihood, report
+  rows = []
+  for wd in args.workdirs:
+    path = pathlib.Path(wd) / f"eval_{args.split}.json"
+    res = (json.loads(path.read_text()) if path.exists()
+           else likelihood.evaluate_workdir(wd, split=args.split))
+    curve = report.read_curve(wd)
+    rows.append({"name": f"{pathlib.Path(wd).name} ({res['process']})",
+                 "result": res,
+                 "tokens_seen": curve[-1]["tokens_seen"] if curve else 0,
+                 "wall_s": curve[-1]["elapsed_s"] if curve else 0})
+  table = report.markdown_table(rows, args.split)
+  print(table)
+  if args.out:
+    pathlib.Path(args.out).write_text(table)
+  return 0
+
+
+def cmd_data(args) -> int:
+  from diffusion_text import config as config_lib
+  from diffusion_text.data import pipeline
+  cfg = config_lib.apply_overrides(config_lib.load_preset(args.config),
+                                   _overrides(args))
+  prepared = pipeline.prepare(cfg)
+  info = {"vocab_size": prepared.vocab_size, "seq_len": prepared.seq_len,
+          "tokens": {s: prepared.num_tokens(s)
+                     for s in ("train", "valid", "test")
+                     if _has_split(prepared, s)},
+          "provenance": prepared.provenance()}
+  print(json.dumps(info, indent=2, default=str))
+  return 0
+
+
+def _has_split(prepared, split) -> bool:
+  try:
+    prepared.blocks(split)
+    return True
+  except (KeyError, ValueError):
+    return False
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample,
+            "compare": cmd_compare, "data": cmd_data}
+
+
+def main(argv=None) -> int:
+  from diffusion_text.config import ConfigError
+  from diffusion_text.checkpoint import CheckpointMismatch
+  args = _parser().parse_args(argv)
+  try:
+    return COMMANDS[args.command](args)
+  except KeyboardInterrupt:
+    return 130
+  except (ConfigError, CheckpointMismatch, FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

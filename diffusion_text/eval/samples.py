@@ -1,0 +1,67 @@
+"""Draw text samples from a trained workdir through the one sampling loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from diffusion_text import sampling
+from diffusion_text.models import as_denoiser
+
+
+def sampler_fn(process, graphdef, num: int, length: int, steps: Optional[int]):
+  """A jitted (params, key, cond_tokens, cond_mask) -> ids [num, length]."""
+
+  @jax.jit
+  def fn(params, key, cond_tokens, cond_mask):
+    denoiser = as_denoiser(nnx.merge(graphdef, params))
+    return sampling.sample(key, process, denoiser, num, length, steps,
+                           cond_tokens=cond_tokens, cond_mask=cond_mask)
+  return fn
+
+
+def with_sampling_options(process, **options):
+  """The process with sampling-only fields replaced (temperature, ...)."""
+  fields = {f.name for f in dataclasses.fields(process)}
+  given = {k: v for k, v in options.items() if v is not None}
+  unknown = sorted(set(given) - fields)
+  if unknown:
+    raise ValueError(
+        f"process {type(process).__name__} has no sampling option(s) "
+        f"{unknown}; its options: {', '.join(sorted(fields - {'vocab_size'}))}")
+  return dataclasses.replace(process, **given) if given else process
+
+
+def sample_workdir(workdir, num: int = 4, steps: int = 0, length: int = 0,
+                   seed: int = 0, prompt: Optional[str] = None,
+                   infill: Optional[str] = None, use_ema: bool = True,
+                   options: Optional[dict] = None,
+                   log: Callable[[str], None] = print) -> list[str]:
+  from diffusion_text import train
+  workdir = pathlib.Path(workdir)
+  cfg = train.load_config(workdir)
+  run = train.setup(cfg, workdir, log)
+  params, step = train.restore_params(run, workdir, use_ema=use_ema)
+  process = with_sampling_options(run.process, **(options or {}))
+  length = length or cfg.data.seq_len
+  tok = run.prepared.tokenizer
+  if prompt is not None and infill is not None:
+    raise ValueError("use either --prompt or --infill, not both")
+  if prompt is not None:
+    cond_tokens, cond_mask = sampling.prompt_condition(tok, prompt, length)
+  elif infill is not None:
+    cond_tokens, cond_mask = sampling.infill_condition(tok, infill, length)
+  else:
+    cond_tokens = jnp.zeros((length,), jnp.int32)
+    cond_mask = jnp.zeros((length,), bool)
+  cond_tokens = jnp.broadcast_to(cond_tokens, (num, length))
+  cond_mask = jnp.broadcast_to(cond_mask, (num, length))
+  fn = sampler_fn(process, run.graphdef, num, length, steps or None)
+  ids = jax.device_get(fn(params, jax.random.key(seed), cond_tokens, cond_mask))
+  return [tok.decode([int(i) for i in row]) for row in ids]

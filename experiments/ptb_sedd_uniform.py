@@ -1,0 +1,14 @@
+"""SEDD uniform, score entropy (Lou et al. 2024) on PTB (word level, 10k vocabulary).
+
+Command:
+  diffusion-text train --config ptb_sedd_uniform --workdir runs/ptb_sedd_uniform
+  diffusion-text eval --workdir runs/ptb_sedd_uniform
+Expected: see docs/results.md (the demo's table) for the bound this preset
+reaches with the demo's budget.
+"""
+
+from experiments._base import ptb_word
+
+
+def config():
+  return ptb_word("sedd_uniform")
