@@ -1,0 +1,308 @@
+"""Tokenizers: characters, words, GPT-2 BPE, BERT WordPiece, identity.
+
+All of them load offline. 'char' and 'word' learn their vocabulary from the
+training split (PTB's word vocabulary is Mikolov's 10k, `<unk>` included);
+'gpt2' is OpenAI's byte-level BPE read from `encoder.json`/`vocab.bpe` (as in
+SEDD, Lou et al. 2024, and GPT-2, Radford et al. 2019); 'bert' is the
+bert-base-uncased WordPiece vocabulary (used by MDLM for LM1B); 'identity' is
+for token-level sources (the synthetic Markov chain).
+
+A tokenizer round-trips through `to_json()` / `tokenizer_from_json()` so a
+workdir can restore exactly the vocabulary it was trained with;
+`fingerprint()` is a hash of the vocabulary used to detect mismatches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+from typing import Iterable, Optional, Sequence, Union
+
+from diffusion_text.config import ConfigError
+
+TrainText = Union[str, Sequence[str], None]
+
+EOS_WORD = "<eos>"
+UNK_WORD = "<unk>"
+
+
+def _hash_vocab(tokens_by_id: Sequence[str]) -> str:
+  blob = json.dumps(list(tokens_by_id), ensure_ascii=False).encode("utf-8")
+  return hashlib.sha256(blob).hexdigest()
+
+
+class Tokenizer:
+  """Base class: text <-> int ids. Subclasses set name/vocab_size/eos_id."""
+
+  name: str = ""
+  vocab_size: int = 0
+  eos_id: Optional[int] = None
+
+  def encode(self, text: str) -> list[int]:
+    raise NotImplementedError
+
+  def decode(self, ids: Iterable[int]) -> str:
+    raise NotImplementedError
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [self.encode(t) for t in texts]
+
+  def fingerprint(self) -> str:
+    raise NotImplementedError
+
+  def to_json(self) -> dict:
+    return {"name": self.name, "fingerprint": self.fingerprint()}
+
+  def __repr__(self) -> str:
+    return (f"{type(self).__name__}(name={self.name!r}, "
+            f"vocab_size={self.vocab_size}, eos_id={self.eos_id})")
+
+
+class _VocabTokenizer(Tokenizer):
+  """A fixed list of string types; id = position in the list."""
+
+  def __init__(self, vocab: Sequence[str], unk: str, eos: str):
+    self.vocab = list(vocab)
+    self.index = {tok: i for i, tok in enumerate(self.vocab)}
+    if len(self.index) != len(self.vocab):
+      raise ValueError("vocabulary has duplicate entries")
+    self.unk_id = self.index[unk]
+    self.eos_id = self.index[eos]
+    self.vocab_size = len(self.vocab)
+
+  def fingerprint(self) -> str:
+    return _hash_vocab(self.vocab)
+
+  def to_json(self) -> dict:
+    return {**super().to_json(), "vocab": self.vocab}
+
+
+class CharTokenizer(_VocabTokenizer):
+  """Sorted characters of the training text, then <unk>, then EOS."""
+
+  name = "char"
+  UNK = "\x00<unk>"   # multi-character names can never collide with a char
+  EOS = "\x00<eos>"
+
+  @classmethod
+  def from_text(cls, train_text: TrainText) -> "CharTokenizer":
+    texts = [train_text] if isinstance(train_text, str) else train_text
+    chars = set()
+    for t in texts:
+      chars.update(t)
+    return cls(sorted(chars) + [cls.UNK, cls.EOS])
+
+  def __init__(self, vocab: Sequence[str]):
+    super().__init__(vocab, self.UNK, self.EOS)
+
+  def encode(self, text: str) -> list[int]:
+    get, unk = self.index.get, self.unk_id
+    return [get(c, unk) for c in text]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    # EOS ends a unit (a line), so it reads as a newline.
+    out = {self.eos_id: "\n", self.unk_id: "\ufffd"}
+    return "".join(out.get(i, self.vocab[i]) if 0 <= i < self.vocab_size
+                   else "\ufffd" for i in map(int, ids))
+
+
+class WordTokenizer(_VocabTokenizer):
+  """Whitespace types of the training text (sorted), <unk> and <eos>."""
+
+  name = "word"
+
+  @classmethod
+  def from_text(cls, train_text: TrainText) -> "WordTokenizer":
+    texts = [train_text] if isinstance(train_text, str) else train_text
+    types = set()
+    for t in texts:
+      types.update(t.split())
+    types.discard(EOS_WORD)
+    types.add(UNK_WORD)
+    return cls(sorted(types) + [EOS_WORD])
+
+  def __init__(self, vocab: Sequence[str]):
+    super().__init__(vocab, UNK_WORD, EOS_WORD)
+
+  def encode(self, text: str) -> list[int]:
+    get, unk = self.index.get, self.unk_id
+    return [get(w, unk) for w in text.split()]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    pieces = []
+    for i in map(int, ids):
+      if i == self.eos_id:
+        pieces.append("\n")   # EOS ends a unit (a line)
+        continue
+      word = self.vocab[i] if 0 <= i < self.vocab_size else UNK_WORD
+      pieces.append(word if not pieces or pieces[-1] == "\n" else " " + word)
+    return "".join(pieces)
+
+
+class _HFTokenizer(Tokenizer):
+  """Wraps a `tokenizers.Tokenizer` (Rust; encode_batch is parallel)."""
+
+  def __init__(self, tok, eos_id: int, data_dir: pathlib.Path):
+    self._tok = tok
+    self.eos_id = eos_id
+    self.vocab_size = tok.get_vocab_size()
+    self.data_dir = data_dir
+    self._fingerprint = None
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
+    return [e.ids for e in encs]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+  def fingerprint(self) -> str:
+    if self._fingerprint is None:
+      vocab = self._tok.get_vocab()
+      self._fingerprint = _hash_vocab(sorted(vocab, key=vocab.__getitem__))
+    return self._fingerprint
+
+  def to_json(self) -> dict:
+    return {**super().to_json(), "data_dir": str(self.data_dir)}
+
+
+class GPT2Tokenizer(_HFTokenizer):
+  """OpenAI GPT-2 byte-level BPE, 50,257 ids, EOS = <|endoftext|> = 50256."""
+
+  name = "gpt2"
+
+  def __init__(self, data_dir: pathlib.Path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+    d = pathlib.Path(data_dir) / "gpt2_tokenizer"
+    if (d / "encoder.json").exists() and (d / "vocab.bpe").exists():
+      tok = HFTokenizer(models.BPE.from_file(str(d / "encoder.json"),
+                                             str(d / "vocab.bpe")))
+      tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+      tok.decoder = decoders.ByteLevel()
+    elif (d / "tokenizer.json").exists():
+      tok = HFTokenizer.from_file(str(d / "tokenizer.json"))
+    else:
+      raise _missing(d / "encoder.json", "the GPT-2 BPE files "
+                     "(encoder.json and vocab.bpe, or tokenizer.json)")
+    super().__init__(tok, tok.token_to_id("<|endoftext|>"), data_dir)
+
+
+class BertTokenizer(_HFTokenizer):
+  """bert-base-uncased WordPiece (lowercased); EOS is [SEP] as in MDLM."""
+
+  name = "bert"
+
+  def __init__(self, data_dir: pathlib.Path):
+    from tokenizers.implementations import BertWordPieceTokenizer
+    path = pathlib.Path(data_dir) / "bert-base-uncased" / "bert-base-uncased-vocab.txt"
+    if not path.exists():
+      raise _missing(path, "the BERT WordPiece vocabulary")
+    tok = BertWordPieceTokenizer(str(path), lowercase=True)
+    super().__init__(tok, tok.token_to_id("[SEP]"), data_dir)
+
+
+class IdentityTokenizer(Tokenizer):
+  """Ids are already tokens (token-level sources); text is space-separated ids."""
+
+  name = "identity"
+
+  def __init__(self, vocab_size: int):
+    self.vocab_size = int(vocab_size)
+    self.eos_id = None
+
+  def encode(self, text: str) -> list[int]:
+    ids = [int(w) for w in text.split()]
+    if any(not 0 <= i < self.vocab_size for i in ids):
+      raise ValueError(f"identity tokenizer: ids must lie in [0, {self.vocab_size})")
+    return ids
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return " ".join(str(int(i)) for i in ids)
+
+  def fingerprint(self) -> str:
+    return _hash_vocab([str(i) for i in range(self.vocab_size)])
+
+  def to_json(self) -> dict:
+    return {**super().to_json(), "vocab_size": self.vocab_size}
+
+
+# ------------------------------------------------------------------ registry
+def names() -> list[str]:
+  return ["char", "word", "gpt2", "bert", "identity"]
+
+
+def _missing(path: pathlib.Path, what: str) -> ConfigError:
+  return ConfigError(
+      f"missing {what}: {path} does not exist. Point the data directory at "
+      "the project's data (set DIFFUSION_TEXT_DATA or data.data_dir=PATH, "
+      "e.g. ../shared/data)")
+
+
+def resolve_data_dir(data_dir) -> pathlib.Path:
+  d = data_dir or os.environ.get("DIFFUSION_TEXT_DATA")
+  if not d:
+    raise ConfigError("no data directory: set DIFFUSION_TEXT_DATA or "
+                      "data.data_dir=PATH (e.g. ../shared/data)")
+  d = pathlib.Path(d).expanduser()
+  if not d.is_dir():
+    raise ConfigError(f"data directory {d} does not exist: set "
+                      "DIFFUSION_TEXT_DATA or data.data_dir=PATH "
+                      "(e.g. ../shared/data)")
+  return d
+
+
+def make_tokenizer(name: str, data_dir=None, train_text: TrainText = None,
+                   vocab_size: Optional[int] = None) -> Tokenizer:
+  """Build tokenizer `name`; 'char'/'word' need `train_text` (str or units)."""
+  if name in ("char", "word"):
+    if train_text is None:
+      raise ConfigError(f"tokenizer {name!r} learns its vocabulary from a "
+                        "training split; this source has none (use "
+                        "data.tokenizer=gpt2 or bert)")
+    cls = CharTokenizer if name == "char" else WordTokenizer
+    return cls.from_text(train_text)
+  if name == "gpt2":
+    return GPT2Tokenizer(resolve_data_dir(data_dir))
+  if name == "bert":
+    return BertTokenizer(resolve_data_dir(data_dir))
+  if name == "identity":
+    if vocab_size is None:
+      raise ConfigError("the identity tokenizer needs vocab_size")
+    return IdentityTokenizer(vocab_size)
+  raise ConfigError(f"unknown tokenizer {name!r} (data.tokenizer); choose "
+                    f"one of: {', '.join(names())}")
+
+
+def tokenizer_from_json(d: dict, data_dir=None) -> Tokenizer:
+  """Inverse of `to_json`; GPT-2/BERT reload from the data dir and are checked."""
+  name = d.get("name")
+  if name == "char":
+    tok = CharTokenizer(d["vocab"])
+  elif name == "word":
+    tok = WordTokenizer(d["vocab"])
+  elif name == "identity":
+    tok = IdentityTokenizer(d["vocab_size"])
+  elif name in ("gpt2", "bert"):
+    try:
+      root = resolve_data_dir(data_dir)
+    except ConfigError:
+      if not d.get("data_dir"):
+        raise
+      root = resolve_data_dir(d["data_dir"])
+    tok = make_tokenizer(name, root)
+  else:
+    raise ConfigError(f"unknown tokenizer {name!r} in saved tokenizer; "
+                      f"choose one of: {', '.join(names())}")
+  if d.get("fingerprint") and d["fingerprint"] != tok.fingerprint():
+    raise ConfigError(
+        f"vocabulary mismatch: the saved {name!r} tokenizer has fingerprint "
+        f"{d['fingerprint'][:12]}, the files found give "
+        f"{tok.fingerprint()[:12]}; point the data directory at the files "
+        "the run was trained with")
+  return tok
