@@ -1,0 +1,184 @@
+"""Tests for the one sampling loop, its prompt helpers and masked samplers."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import io_callback
+
+from diffusion_text import sampling
+from diffusion_text.processes import Denoiser, base
+from diffusion_text.processes.masked import MaskedProcess
+
+V, L, N = 8, 16, 64
+PI = np.array([0.3, 0.2, 0.15, 0.1, 0.1, 0.08, 0.05, 0.02])
+
+
+def oracle(logits):
+  """Denoiser predicting fixed x0 logits ([V] or [L, V]), ignoring x_t, t."""
+  logits = jnp.asarray(logits, jnp.float32)
+  return Denoiser(predict=lambda x, t, self_cond=None: jnp.broadcast_to(
+      logits, x.shape + (V,)))
+
+
+def masked_sampler(steps=8, num=N, length=L, **options):
+  process = MaskedProcess(vocab_size=V, **options)
+  return sampling.make_sampler(process, num, length, steps,
+                               build_denoiser=oracle)
+
+
+class CharTokenizer:
+  """'a' -> 0, 'b' -> 1, ...; spaces are dropped."""
+
+  def encode(self, text):
+    return [ord(c) - ord("a") for c in text if c != " "]
+
+
+def assert_matches(freq, probs, n):
+  """Frequencies within 4.5 binomial standard errors of `probs`."""
+  sem = np.sqrt(probs * (1 - probs) / n)
+  assert np.all(np.abs(freq - probs) < 4.5 * sem + 1e-9), (freq, probs)
+
+
+@pytest.mark.parametrize("float64_sampling", [False, True])
+def test_masked_samples_are_valid_deterministic_and_follow_pi(float64_sampling):
+  run = masked_sampler(float64_sampling=float64_sampling)
+  log_pi = jnp.log(jnp.asarray(PI, jnp.float32))
+  a = np.asarray(run(jax.random.key(0), log_pi))
+  b = np.asarray(run(jax.random.key(0), log_pi))
+  c = np.asarray(run(jax.random.key(1), log_pi))
+  assert a.shape == (N, L) and a.dtype == np.int32
+  np.testing.assert_array_equal(a, b)
+  assert (a != c).any()
+  assert a.min() >= 0 and a.max() < V  # in range, no [MASK] (= V) left
+  both = np.concatenate([a, c]).ravel()
+  assert_matches(np.bincount(both, minlength=V) / both.size, PI, both.size)
+
+
+def test_prefix_and_infill_conditioning_keep_the_fixed_tokens():
+  tok = CharTokenizer()
+  run = masked_sampler()
+  log_pi = jnp.log(jnp.asarray(PI, jnp.float32))
+  cond, keep = sampling.prompt_condition(tok, "hgf", L)
+  np.testing.assert_array_equal(cond[:3], [7, 6, 5])
+  np.testing.assert_array_equal(keep, np.arange(L) < 3)
+  out = np.asarray(run(jax.random.key(0), log_pi, cond, keep))
+  np.testing.assert_array_equal(out[:, :3], np.broadcast_to([7, 6, 5], (N, 3)))
+  assert out.min() >= 0 and out.max() < V
+
+  cond, keep = sampling.infill_condition(tok, "hg ___ fh", L)
+  expect_keep = np.zeros(L, bool)
+  expect_keep[[0, 1, L - 2, L - 1]] = True
+  np.testing.assert_array_equal(keep, expect_keep)
+  out = np.asarray(run(jax.random.key(2), log_pi, cond, keep))
+  np.testing.assert_array_equal(out[:, expect_keep],
+                                np.broadcast_to([7, 6, 5, 7], (N, 4)))
+  assert (out[:, 2:L - 2] != out[0, 2:L - 2]).any()  # the gap is generated
+
+
+def test_infill_layout_rules():
+  tok = CharTokenizer()
+  cond, keep = sampling.infill_condition(tok, "a ___ b ___ c", 10)
+  # free = 7 split as 4 + 3 (earlier gaps take the remainder); c ends it
+  np.testing.assert_array_equal(np.flatnonzero(keep), [0, 5, 9])
+  np.testing.assert_array_equal(cond[[0, 5, 9]], [0, 1, 2])
+  cond, keep = sampling.infill_condition(tok, "a ___ b", 10, gap_lengths=[2])
+  np.testing.assert_array_equal(np.flatnonzero(keep), [0, 3])  # rest is free
+  with pytest.raises(ValueError, match="gap"):
+    sampling.infill_condition(tok, "abc", 10)
+  with pytest.raises(ValueError, match="length"):
+    sampling.prompt_condition(tok, "abcdefgh", 4)
+
+
+def test_cached_sampler_is_exact_with_fewer_network_calls():
+  calls = []
+
+  def count(x):
+    calls.append(1)
+    return np.float32(0.0)
+
+  def build(logits_LxV):
+    def predict(x, t, self_cond=None):
+      zero = io_callback(count, jax.ShapeDtypeStruct((), jnp.float32), t[0])
+      return jnp.broadcast_to(logits_LxV + zero, x.shape + (V,))
+    return Denoiser(predict=predict)
+
+  logits = jax.random.normal(jax.random.key(5), (4, V))
+  steps = 32
+  outs, num_calls = {}, {}
+  for name in ("ancestral", "cached"):
+    process = MaskedProcess(vocab_size=V, sampler=name)
+    run = sampling.make_sampler(process, 2, 4, steps, build_denoiser=build)
+    calls.clear()
+    outs[name] = np.asarray(run(jax.random.key(7), logits))
+    num_calls[name] = len(calls)
+  np.testing.assert_array_equal(outs["cached"], outs["ancestral"])
+  assert num_calls["ancestral"] == steps
+  # 8 tokens unmask on at most 8 of 32 steps; a call follows each change.
+  assert 1 <= num_calls["cached"] <= 9
+
+
+def test_temperature_to_zero_gives_the_argmax():
+  logits = jax.random.normal(jax.random.key(3), (L, V)) * 2.0
+  argmax = np.asarray(jnp.argmax(logits, -1))
+  for temperature in (0.0, 1e-3):
+    run = masked_sampler(num=8, temperature=temperature)
+    out = np.asarray(run(jax.random.key(0), logits))
+    np.testing.assert_array_equal(out, np.broadcast_to(argmax, (8, L)))
+
+
+def test_top_p_removes_the_tail():
+  probs = np.array([0.4, 0.3, 0.2, 0.04, 0.03, 0.02, 0.007, 0.003])
+  run = masked_sampler(top_p=0.8)
+  out = np.asarray(run(jax.random.key(0), jnp.log(jnp.asarray(probs)))).ravel()
+  # the nucleus is the smallest head with mass >= 0.8: tokens 0, 1, 2
+  assert set(np.unique(out)) == {0, 1, 2}
+  kept = probs[:3] / probs[:3].sum()
+  assert_matches(np.bincount(out, minlength=3)[:3] / out.size, kept, out.size)
+
+
+@dataclasses.dataclass(frozen=True)
+class CountingProcess(base.Process):
+  """Adds 1 per reverse step: checks the loop's grid, steps and impose."""
+
+  num_steps: int = 5
+
+  @property
+  def model_spec(self):
+    raise NotImplementedError
+
+  def sample_time(self, key, batch):
+    raise NotImplementedError
+
+  def corrupt(self, key, x0, t):
+    raise NotImplementedError
+
+  def loss(self, key, denoiser, tokens, mask):
+    raise NotImplementedError
+
+  def nll_bound(self, key, denoiser, tokens, mask):
+    raise NotImplementedError
+
+  def prior(self, key, shape):
+    return jnp.zeros(shape, jnp.int32)
+
+  def reverse_step(self, key, denoiser, x_t, t, s):
+    return x_t + 1 + 100 * (s < 0).astype(jnp.int32)  # s never below 0
+
+  def decode(self, denoiser, x0):
+    return x0
+
+
+def test_loop_runs_every_step_and_imposes_after_each():
+  process = CountingProcess(vocab_size=V)
+  den = Denoiser(predict=None)
+  out = sampling.sample(jax.random.key(0), process, den, 3, 6)
+  np.testing.assert_array_equal(out, 5)  # default steps = process.num_steps
+  cond = jnp.array([7, 0, 0, 0, 0, 9])
+  keep = jnp.array([1, 0, 0, 0, 0, 1], bool)
+  out = sampling.sample(jax.random.key(0), process, den, 3, 6, steps=3,
+                        cond_tokens=cond, cond_mask=keep)
+  np.testing.assert_array_equal(out, np.broadcast_to([7, 3, 3, 3, 3, 9], (3, 6)))
