@@ -1,0 +1,292 @@
+"""Continuous-time Gaussian diffusion on learned token embeddings, exact VLB.
+
+Kingma et al. 2021, "Variational Diffusion Models" (VDM) and Gulrajani &
+Hashimoto 2023, "Likelihood-Based Diffusion Language Models" (PLAID).
+
+Tokens w are embedded as x = e_w (rows of the learned table E, normalised, see
+`embed_norm`) and diffused variance-preservingly with gamma(t) = -log SNR(t):
+z_t = alpha_t x + sigma_t eps, alpha_t^2 = sigmoid(-gamma_t),
+sigma_t^2 = sigmoid(gamma_t) (VDM eq. 3-4). The network predicts logits over
+the vocabulary and x0-hat = softmax(logits) @ E (PLAID sec. 3.2). The bound,
+per sequence, in nats (VDM eq. 11, 17 and appendix):
+
+  prior          KL(q(z_1 | x) || N(0, I))
+  diffusion      0.5 E_{t~U(0,1)} [ gamma'(t) exp(-gamma_t) ||x - x0hat(z_t)||^2 ]
+                 (= -0.5 SNR'(t) ||x - x0hat||^2, eq. 17 in x-form; equal to
+                 vdm.py's 0.5 gamma'(t) ||eps - eps_hat||^2)
+  reconstruction -log p(w | z_0), z_0 ~ q(z_0 | x), with vdm.py's exact
+                 Gaussian decoder p(w | z_0) = softmax_w(-||z_0 / alpha_0 -
+                 e_w||^2 exp(-gamma_0) / 2).
+
+Choices (documented here because they change numbers):
+  * `embed_norm='unit'` divides every row of E by its L2 norm (PLAID's
+    EmbeddingMatrix): with a fixed gamma range the ELBO could otherwise trade
+    embedding scale against SNR. 'none' uses the table as it is.
+  * `base_logits=True` adds the exact Gaussian log-likelihood
+    alpha_t / sigma_t^2 <z_t, e_w> - alpha_t^2 / (2 sigma_t^2) ||e_w||^2 to
+    the network's logits (PLAID's z-scaled output bias, VDM's "base measure"):
+    with zero network output x0-hat is the posterior mean under a uniform
+    token prior, so x0-hat stays exact as t -> 0 where the diffusion weight
+    exp(-gamma) ~ 6e5 would otherwise amplify any network error.
+  * Defaults gamma in [-13.3, 5.0] (VDM's CIFAR-10 range): with unit-norm
+    embeddings the decoder std exp(gamma_min / 2) ~ 1e-3 makes the
+    reconstruction term ~0 and the prior costs ~0.004 nats per token.
+  * Self-conditioning (PLAID, Chen et al. 2022): training draws one coin per
+    batch; with probability `self_cond_rate` a stop-gradient first pass gives
+    the x0-hat fed to the second. The evaluated bound and the sampler always
+    use the two-pass prediction; either way x0-hat is a deterministic function
+    of z_t, so the bound stays a valid VLB.
+  * With `learned_schedule` gamma comes from `denoiser.gamma` (its slope by
+    jax.jvp) and receives the plain ELBO gradient; VDM's variance-minimising
+    schedule gradient is not implemented.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from diffusion_text.processes.base import (Array, Bound, Denoiser, LossOutput,
+                                           ModelSpec, Process, make_bound,
+                                           masked_sum, per_token)
+
+_EMBED_NORMS = ("unit", "none")
+
+
+def alpha_sigma(gamma: Array) -> tuple[Array, Array]:
+  """VP signal and noise scales: alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamma)."""
+  return jnp.sqrt(jax.nn.sigmoid(-gamma)), jnp.sqrt(jax.nn.sigmoid(gamma))
+
+
+@dataclasses.dataclass(frozen=True)
+class GaussianVLBProcess(Process):
+  """VDM/PLAID continuous-time Gaussian diffusion with the exact VLB."""
+
+  latent_dim: int = 64            # embedding width D
+  gamma_min: float = -13.3        # gamma(0) = -log SNR at t = 0 (VDM)
+  gamma_max: float = 5.0          # gamma(1) = -log SNR at t = 1 (VDM)
+  learned_schedule: bool = False  # gamma(t) from denoiser.gamma, else the line
+  self_conditioning: bool = True  # PLAID two-pass x0-hat
+  self_cond_rate: float = 0.5     # training: chance of the self-cond pass
+  num_steps: int = 256            # default number of sampler steps
+  score_temperature: float = 1.0  # PLAID: eps-hat /= temperature at sampling
+  embed_norm: str = "unit"        # 'unit' (rows of E have norm 1) or 'none'
+  base_logits: bool = True        # add the exact Gaussian logits to the net's
+
+  def __post_init__(self):
+    if self.embed_norm not in _EMBED_NORMS:
+      raise ValueError(f"embed_norm={self.embed_norm!r}; choose one of "
+                       f"{', '.join(_EMBED_NORMS)}")
+    if not self.gamma_max > self.gamma_min:
+      raise ValueError(f"need gamma_min < gamma_max, got gamma_min="
+                       f"{self.gamma_min}, gamma_max={self.gamma_max}")
+    if self.score_temperature <= 0:
+      raise ValueError("score_temperature must be > 0")
+
+  @property
+  def model_spec(self) -> ModelSpec:
+    return ModelSpec(
+        input="latents", latent_dim=self.latent_dim, output="logits",
+        output_dim=self.vocab_size, embed_vocab=self.vocab_size,
+        self_conditioning=self.self_conditioning,
+        learned_schedule=self.learned_schedule,
+        gamma_range=(self.gamma_min, self.gamma_max))
+
+  # ---- schedule ------------------------------------------------------------
+  def gamma(self, t: Array, denoiser: Optional[Denoiser] = None) -> Array:
+    """gamma(t) = -log SNR(t), elementwise over t [N] (or a scalar)."""
+    t = jnp.asarray(t, jnp.float32)
+    if not self.learned_schedule:
+      return self.gamma_min + (self.gamma_max - self.gamma_min) * t
+    if denoiser is None or denoiser.gamma is None:
+      raise ValueError("learned_schedule=True needs a Denoiser with .gamma")
+    return denoiser.gamma(t.reshape(-1)).reshape(t.shape).astype(jnp.float32)
+
+  def gamma_and_slope(self, t_B: Array, denoiser: Optional[Denoiser] = None
+                      ) -> tuple[Array, Array]:
+    """(gamma(t), d gamma / dt) at t [B]; the slope by forward-mode AD."""
+    t_B = jnp.asarray(t_B, jnp.float32)
+    return jax.jvp(lambda t: self.gamma(t, denoiser), (t_B,),
+                   (jnp.ones_like(t_B),))
+
+  def embeddings(self, denoiser: Denoiser) -> Array:
+    """The token embedding table E [V, D] the process diffuses."""
+    e_VxD = denoiser.embed(jnp.arange(self.vocab_size)[None])[0]
+    e_VxD = e_VxD.astype(jnp.float32)
+    if self.embed_norm == "unit":
+      e_VxD = e_VxD / (jnp.linalg.norm(e_VxD, axis=-1, keepdims=True) + 1e-8)
+    return e_VxD
+
+  # ---- training --------------------------------------------------------------
+  def sample_time(self, key: Array, batch: int) -> Array:
+    """Antithetic (low-discrepancy) times in (0, 1], marginally uniform (VDM)."""
+    u = jax.random.uniform(key, ())
+    return 1.0 - jnp.mod(u + jnp.arange(batch) / batch, 1.0)
+
+  def corrupt(self, key: Array, x0: Array, t: Array,
+              denoiser: Optional[Denoiser] = None) -> Array:
+    """z_t ~ N(alpha_t x0, sigma_t^2 I); x0 are latents [B, L, D]
+    (embed ids first with `embeddings(denoiser)[ids]`)."""
+    if x0.ndim != 3:
+      raise ValueError("gaussian_vlb corrupts latents [B, L, D]; embed token "
+                       "ids first with process.embeddings(denoiser)[ids]")
+    gamma_B = self.gamma(jnp.broadcast_to(t, x0.shape[:1]), denoiser)
+    return self._diffuse(key, x0, gamma_B)
+
+  def _diffuse(self, key: Array, x_BxLxD: Array, gamma_B: Array) -> Array:
+    alpha_B, sigma_B = alpha_sigma(gamma_B)
+    eps_BxLxD = jax.random.normal(key, x_BxLxD.shape, jnp.float32)
+    return (alpha_B[:, None, None] * x_BxLxD
+            + sigma_B[:, None, None] * eps_BxLxD)
+
+  def _logits(self, denoiser: Denoiser, z_BxLxD: Array, t_B: Array,
+              gamma_B: Array, e_VxD: Array,
+              self_cond: Optional[Array]) -> Array:
+    """Logits of p(w | z_t): the network's, plus the exact Gaussian part."""
+    if self.self_conditioning:
+      logits_BxLxV = denoiser.predict(z_BxLxD, t_B, self_cond=self_cond)
+    else:
+      logits_BxLxV = denoiser.predict(z_BxLxD, t_B)
+    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    if self.base_logits:
+      snr_B = jnp.exp(-gamma_B)
+      alpha_B, _ = alpha_sigma(gamma_B)
+      # alpha / sigma^2 = alpha * (1 + SNR), stable for very negative gamma.
+      scale_B = alpha_B * (1.0 + snr_B)
+      sqnorm_V = jnp.sum(e_VxD ** 2, axis=-1)
+      logits_BxLxV = (
+          logits_BxLxV
+          + scale_B[:, None, None] * jnp.einsum("bld,vd->blv", z_BxLxD, e_VxD)
+          - 0.5 * snr_B[:, None, None] * sqnorm_V)
+    return logits_BxLxV
+
+  def _x0hat(self, logits_BxLxV: Array, e_VxD: Array) -> Array:
+    return jnp.einsum("blv,vd->bld", jax.nn.softmax(logits_BxLxV, -1), e_VxD)
+
+  def predict_x0(self, denoiser: Denoiser, z_BxLxD: Array, t_B: Array,
+                 gamma_B: Array, e_VxD: Array,
+                 self_cond_key: Optional[Array] = None) -> Array:
+    """x0-hat(z_t). With self-conditioning: the two-pass prediction, or with
+    `self_cond_key` (training) the second pass only on a coin flip."""
+    if not self.self_conditioning:
+      return self._x0hat(
+          self._logits(denoiser, z_BxLxD, t_B, gamma_B, e_VxD, None), e_VxD)
+    zeros = jnp.zeros_like(z_BxLxD)
+
+    def first_pass():
+      logits = self._logits(denoiser, z_BxLxD, t_B, gamma_B, e_VxD, zeros)
+      return jax.lax.stop_gradient(self._x0hat(logits, e_VxD))
+
+    if self_cond_key is None:
+      cond_BxLxD = first_pass()
+    else:
+      use = jax.random.bernoulli(self_cond_key, self.self_cond_rate)
+      cond_BxLxD = jax.lax.cond(use, first_pass, lambda: zeros)
+    return self._x0hat(
+        self._logits(denoiser, z_BxLxD, t_B, gamma_B, e_VxD, cond_BxLxD),
+        e_VxD)
+
+  def decoder_logits(self, z0_BxLxD: Array, e_VxD: Array,
+                     gamma0: Array) -> Array:
+    """VDM's decoder p(w | z_0): -0.5 ||z_0/alpha_0 - e_w||^2 exp(-gamma_0),
+    without the w-independent ||z_0/alpha_0||^2 term."""
+    alpha0, _ = alpha_sigma(gamma0)
+    dot_BxLxV = jnp.einsum("bld,vd->blv", z0_BxLxD / alpha0, e_VxD)
+    return jnp.exp(-gamma0) * (dot_BxLxV - 0.5 * jnp.sum(e_VxD ** 2, -1))
+
+  def _terms(self, key: Array, denoiser: Denoiser, tokens: Array, mask: Array,
+             train: bool) -> dict[str, Array]:
+    t_key, z_key, rec_key, sc_key = jax.random.split(key, 4)
+    batch = tokens.shape[0]
+    e_VxD = self.embeddings(denoiser)
+    x_BxLxD = jnp.take(e_VxD, tokens, axis=0)
+    gamma_ends = self.gamma(jnp.array([0.0, 1.0]), denoiser)
+    gamma0, gamma1 = gamma_ends[0], gamma_ends[1]
+
+    # Prior: KL(N(alpha_1 x, sigma_1^2 I) || N(0, I)) per position, using
+    # sigma^2 - 1 - log sigma^2 = softplus(-gamma) - sigmoid(-gamma).
+    alpha1_sq = jax.nn.sigmoid(-gamma1)
+    kl_BxL = 0.5 * (alpha1_sq * jnp.sum(x_BxLxD ** 2, -1) + self.latent_dim
+                    * (jax.nn.softplus(-gamma1) - alpha1_sq))
+    # Reconstruction: z_0 / alpha_0 = x + exp(gamma_0 / 2) eps (vdm.py).
+    eps0_BxLxD = jax.random.normal(rec_key, x_BxLxD.shape, jnp.float32)
+    z0_BxLxD = alpha_sigma(gamma0)[0] * (
+        x_BxLxD + jnp.exp(0.5 * gamma0) * eps0_BxLxD)
+    logits_BxLxV = self.decoder_logits(z0_BxLxD, e_VxD, gamma0)
+    target_BxL = jnp.take_along_axis(logits_BxLxV, tokens[..., None], -1)[..., 0]
+    rec_BxL = jax.nn.logsumexp(logits_BxLxV, -1) - target_BxL
+    # Diffusion: VDM eq. 17 with x-prediction, one antithetic t per sequence.
+    t_B = self.sample_time(t_key, batch)
+    gamma_B, dgamma_B = self.gamma_and_slope(t_B, denoiser)
+    z_BxLxD = self._diffuse(z_key, x_BxLxD, gamma_B)
+    x0hat_BxLxD = self.predict_x0(denoiser, z_BxLxD, t_B, gamma_B, e_VxD,
+                                  sc_key if train else None)
+    sq_BxL = jnp.sum((x_BxLxD - x0hat_BxLxD) ** 2, -1)
+    weight_B = 0.5 * dgamma_B * jnp.exp(-gamma_B)
+    return {
+        "prior": masked_sum(kl_BxL, mask),
+        "diffusion": weight_B * masked_sum(sq_BxL, mask),
+        "reconstruction": masked_sum(rec_BxL, mask),
+    }
+
+  def loss(self, key: Array, denoiser: Denoiser, tokens: Array,
+           mask: Array) -> LossOutput:
+    """The VLB per token itself (VDM, PLAID), with self-conditioning dropout."""
+    terms = self._terms(key, denoiser, tokens, mask, train=True)
+    bound = make_bound(terms)
+    loss = per_token(bound.nats, mask)
+    metrics = {"loss": loss, "nats_per_token": loss}
+    metrics.update({k: per_token(v, mask) for k, v in terms.items()})
+    return LossOutput(loss=loss, metrics=metrics, terms=terms)
+
+  def nll_bound(self, key: Array, denoiser: Denoiser, tokens: Array,
+                mask: Array) -> Bound:
+    return make_bound(self._terms(key, denoiser, tokens, mask, train=False))
+
+  # ---- sampling --------------------------------------------------------------
+  def prior(self, key: Array, shape: tuple[int, int]) -> Array:
+    return jax.random.normal(key, (*shape, self.latent_dim), jnp.float32)
+
+  def reverse_step(self, key: Array, denoiser: Denoiser, x_t: Array,
+                   t: Array, s: Array) -> Array:
+    """Ancestral step z_t -> z_s from q(z_s | z_t, x = x0-hat) (VDM app. A.4,
+    eq. 33); PLAID's score temperature divides eps-hat; s == 0: the mean."""
+    batch = x_t.shape[0]
+    t_B = jnp.full((batch,), t, jnp.float32)
+    gammas = self.gamma(jnp.stack([jnp.asarray(t, jnp.float32),
+                                   jnp.asarray(s, jnp.float32)]), denoiser)
+    gamma_t, gamma_s = gammas[0], gammas[1]
+    alpha_t, sigma_t = alpha_sigma(gamma_t)
+    alpha_s, sigma_s = alpha_sigma(gamma_s)
+    e_VxD = self.embeddings(denoiser)
+    x0hat_BxLxD = self.predict_x0(denoiser, x_t, t_B,
+                                  jnp.full((batch,), gamma_t), e_VxD)
+    if self.score_temperature != 1.0:
+      eps_hat = (x_t - alpha_t * x0hat_BxLxD) / sigma_t / self.score_temperature
+      x0hat_BxLxD = (x_t - sigma_t * eps_hat) / alpha_t
+    c = -jnp.expm1(gamma_s - gamma_t)  # 1 - SNR(t) / SNR(s)
+    mean = alpha_s / alpha_t * (1.0 - c) * x_t + c * alpha_s * x0hat_BxLxD
+    std = jnp.where(s > 0, jnp.sqrt(c) * sigma_s, 0.0)
+    return mean + std * jax.random.normal(key, x_t.shape, jnp.float32)
+
+  def decode(self, denoiser: Denoiser, x0: Array) -> Array:
+    """Most likely token under the VDM decoder (the nearest embedding)."""
+    gamma0 = self.gamma(jnp.zeros((1,)), denoiser)[0]
+    logits = self.decoder_logits(x0, self.embeddings(denoiser), gamma0)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def impose(self, key: Array, denoiser: Denoiser, x_t: Array, t: Array,
+             tokens: Array, cond_mask: Array) -> Array:
+    """Replacement: fixed positions get alpha_t e_w + sigma_t eps (at t = 0
+    the noise-free alpha_0 e_w, which decodes to w)."""
+    e_VxD = self.embeddings(denoiser)
+    x_BxLxD = jnp.take(e_VxD, tokens, axis=0)
+    gamma_B = self.gamma(jnp.broadcast_to(t, x_t.shape[:1]), denoiser)
+    alpha_B, sigma_B = alpha_sigma(gamma_B)
+    sigma_B = jnp.where(jnp.broadcast_to(t, x_t.shape[:1]) > 0, sigma_B, 0.0)
+    z_BxLxD = (alpha_B[:, None, None] * x_BxLxD + sigma_B[:, None, None]
+               * jax.random.normal(key, x_t.shape, jnp.float32))
+    return jnp.where(cond_mask.astype(bool)[..., None], z_BxLxD, x_t)

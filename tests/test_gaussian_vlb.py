@@ -1,0 +1,269 @@
+"""Tests for the continuous-time Gaussian VLB process (VDM / PLAID).
+
+The network is replaced by closures whose x0 posterior is known exactly: for
+i.i.d. tokens from pi, p(w | z_t) is proportional to pi(w) N(z_t; alpha_t e_w,
+sigma_t^2 I), so with the process's exact Gaussian base logits the oracle
+network just returns log pi.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_text.processes import Denoiser, make_process
+from diffusion_text.processes.gaussian_vlb import (GaussianVLBProcess,
+                                                   alpha_sigma)
+
+V, D, L, B = 3, 4, 8, 64
+PI = np.array([0.6, 0.3, 0.1])
+ENTROPY = float(-(PI * np.log(PI)).sum())
+# Random (non-orthogonal) table; the process normalises its rows.
+TABLE_VxD = jax.random.normal(jax.random.key(42), (V, D)) * 3.0
+
+
+def _embed(ids):
+  return jnp.take(TABLE_VxD, ids, axis=0)
+
+
+def _const_logits(logp_V):
+  def predict(z_BxLxD, t_B, self_cond=None):
+    del t_B, self_cond
+    return jnp.broadcast_to(jnp.asarray(logp_V, jnp.float32),
+                            (*z_BxLxD.shape[:2], logp_V.shape[-1]))
+  return predict
+
+
+def _oracle(process, pi=PI):
+  """Exact p(w | z_t) for i.i.d. data from pi."""
+  logpi_V = jnp.log(jnp.asarray(pi, jnp.float32))
+  if process.base_logits:
+    return Denoiser(predict=_const_logits(logpi_V), embed=_embed)
+
+  def predict(z_BxLxD, t_B, self_cond=None):
+    del self_cond
+    e_VxD = process.embeddings(Denoiser(predict=None, embed=_embed))
+    alpha_B, sigma_B = alpha_sigma(process.gamma(t_B))
+    sq_BxLxV = jnp.sum((z_BxLxD[:, :, None, :] - alpha_B[:, None, None, None]
+                        * e_VxD) ** 2, -1)
+    return logpi_V - 0.5 * sq_BxLxV / sigma_B[:, None, None] ** 2
+  return Denoiser(predict=predict, embed=_embed)
+
+
+def _iid_tokens(key, batch=B, length=L):
+  return jax.random.choice(key, V, (batch, length), p=jnp.asarray(PI))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _batch_means(process, denoiser, key, tokens, mask):
+  """Mean bound over the batch for each of K = 512 keys -> [K]. One t per
+  sequence makes single bounds heavy-tailed (std ~ 14 nats here), so tight
+  checks average many independent batches."""
+  return jax.lax.map(
+      lambda k: process.nll_bound(k, denoiser, tokens, mask).nats.mean(),
+      jax.random.split(key, 512))
+
+
+def _sample(process, denoiser, key, steps, tokens=None, cond_mask=None):
+  grid = process.time_grid(steps, L)
+  prior_key, step_key, cond_key = jax.random.split(key, 3)
+  z = process.prior(prior_key, (B, L))
+
+  def body(i, z):
+    z = process.reverse_step(jax.random.fold_in(step_key, i), denoiser, z,
+                             grid[i], grid[i + 1])
+    if tokens is not None:
+      z = process.impose(jax.random.fold_in(cond_key, i), denoiser, z,
+                         grid[i + 1], tokens, cond_mask)
+    return z
+
+  return process.decode(denoiser, jax.lax.fori_loop(0, steps, body, z))
+
+
+def test_registry_and_model_spec():
+  p = make_process("gaussian_vlb", vocab_size=V, latent_dim=D)
+  assert isinstance(p, GaussianVLBProcess) and hash(p) == hash(p)
+  spec = p.model_spec
+  assert spec.input == "latents" and spec.output == "logits"
+  assert spec.output_dim == V and spec.embed_vocab == V and spec.latent_dim == D
+  assert spec.gamma_range == (p.gamma_min, p.gamma_max)
+  with pytest.raises(ValueError, match="embed_norm"):
+    GaussianVLBProcess(vocab_size=V, embed_norm="bad")
+
+
+def test_vp_marginal_moments():
+  p = GaussianVLBProcess(vocab_size=V, latent_dim=D)
+  x0 = jnp.broadcast_to(jnp.array([1.0, -2.0, 0.5, 0.0]), (B, 16, D))
+  t = 0.6
+  z = p.corrupt(jax.random.key(0), x0, jnp.full((B,), t))
+  alpha, sigma = alpha_sigma(p.gamma(t))
+  np.testing.assert_allclose(alpha ** 2 + sigma ** 2, 1.0, rtol=1e-6)
+  n = B * 16
+  mean, var = z.reshape(n, D).mean(0), z.reshape(n, D).var(0)
+  np.testing.assert_allclose(mean, alpha * x0[0, 0], atol=4 * sigma / math.sqrt(n))
+  np.testing.assert_allclose(var, sigma ** 2, rtol=0.15)
+
+
+def test_reverse_step_is_the_gaussian_posterior():
+  """With x0-hat exact (one-token data) a step samples q(z_s | z_t, x)."""
+  p = GaussianVLBProcess(vocab_size=V, latent_dim=D, self_conditioning=False)
+  onehot = jnp.log(jnp.array([1.0, 1e-30, 1e-30]))
+  den = Denoiser(predict=_const_logits(onehot), embed=_embed)
+  x = p.embeddings(den)[0]
+  t, s = 0.55, 0.5
+  z_t = jnp.broadcast_to(jnp.array([0.3, -0.2, 0.1, 0.7]), (B, 16, D))
+  z_s = p.reverse_step(jax.random.key(1), den, z_t, t, s)
+  (a_t, s_t), (a_s, s_s) = alpha_sigma(p.gamma(t)), alpha_sigma(p.gamma(s))
+  a_ts, var_ts = a_t / a_s, s_t ** 2 - (a_t / a_s) ** 2 * s_s ** 2
+  mean = a_ts * s_s ** 2 / s_t ** 2 * z_t[0, 0] + a_s * var_ts / s_t ** 2 * x
+  var = var_ts * s_s ** 2 / s_t ** 2
+  n = B * 16
+  np.testing.assert_allclose(z_s.reshape(n, D).mean(0), mean,
+                             atol=4 * math.sqrt(var / n))
+  np.testing.assert_allclose(z_s.reshape(n, D).var(0), var, rtol=0.15)
+  z_0 = p.reverse_step(jax.random.key(2), den, z_t, t, 0.0)
+  assert float(jnp.std(z_0[:, :, 0])) < 1e-6  # s == 0: the mean, no noise
+
+
+def test_bound_is_zero_for_deterministic_data():
+  """Entropy-0 data, exact x0-hat and separated embeddings: bound ~ 0."""
+  p = GaussianVLBProcess(vocab_size=V, latent_dim=D, gamma_max=10.0)
+  den = _oracle(p, pi=np.array([1.0, 1e-30, 1e-30]))
+  tokens, mask = jnp.zeros((B, L), jnp.int32), jnp.ones((B, L))
+  bound = p.nll_bound(jax.random.key(0), den, tokens, mask)
+  assert float(jnp.max(jnp.abs(bound.terms["diffusion"]))) < 1e-4
+  assert float(jnp.max(bound.terms["reconstruction"])) < 1e-4
+  # Prior KL for unit-norm embeddings, closed form.
+  a1_sq = jax.nn.sigmoid(-10.0)
+  s1_sq = jax.nn.sigmoid(10.0)
+  kl = 0.5 * (a1_sq + D * (s1_sq - 1.0 - jnp.log(s1_sq)))
+  np.testing.assert_allclose(bound.terms["prior"], L * kl, rtol=1e-2)
+  assert float(jnp.max(bound.nats)) < 1e-3
+
+
+@pytest.mark.parametrize("base_logits", [True, False])
+def test_bound_with_oracle_is_at_least_the_entropy(base_logits):
+  """i.i.d. data from pi and the exact posterior: E[bound] >= L H(pi), and
+  the gap is small (the continuous-time VLB is tight up to the endpoints)."""
+  p = GaussianVLBProcess(vocab_size=V, latent_dim=D, base_logits=base_logits)
+  den = _oracle(p)
+  tokens = _iid_tokens(jax.random.key(3))
+  means = _batch_means(p, den, jax.random.key(4), tokens, jnp.ones((B, L)))
+  mean, sem = float(means.mean()), float(means.std() / math.sqrt(means.size))
+  # Given the drawn tokens, -log p(tokens) = sum of -log pi(w); the prior
+  # term (~0.03 nats per sequence) is the only gap the endpoints leave.
+  nll = float(-jnp.log(jnp.asarray(PI))[tokens].sum(-1).mean())
+  assert sem < 0.1
+  assert mean >= nll - 3.5 * sem, (mean, nll, sem)
+  assert mean <= nll + 3.5 * sem + 0.05, (mean, nll, sem)
+  assert abs(nll - L * ENTROPY) < 0.2 * L
+
+
+def test_learned_schedule_matches_fixed_line_and_is_invariant():
+  fixed = GaussianVLBProcess(vocab_size=V, latent_dim=D)
+  learned = dataclasses.replace(fixed, learned_schedule=True)
+  gmin, gmax = fixed.gamma_min, fixed.gamma_max
+  tokens, mask = _iid_tokens(jax.random.key(5)), jnp.ones((B, L))
+  oracle = _oracle(fixed)
+  line = Denoiser(predict=oracle.predict, embed=_embed,
+                  gamma=lambda t: gmin + (gmax - gmin) * t)
+  key = jax.random.key(6)
+  np.testing.assert_allclose(
+      learned.nll_bound(key, line, tokens, mask).nats,
+      fixed.nll_bound(key, oracle, tokens, mask).nats, rtol=1e-5, atol=1e-5)
+  # Another monotone schedule with the same endpoints: the continuous-time
+  # VLB depends only on gamma(0), gamma(1) (VDM eq. 20).
+  curved = Denoiser(predict=oracle.predict, embed=_embed,
+                    gamma=lambda t: gmin + (gmax - gmin) * t ** 3)
+  a = _batch_means(fixed, oracle, key, tokens, mask)
+  b = _batch_means(learned, curved, key, tokens, mask)
+  sem = float(jnp.sqrt((a.var() + b.var()) / a.size))
+  assert abs(float(a.mean() - b.mean())) < 3.5 * sem, (a.mean(), b.mean(), sem)
+
+
+def test_determinism_and_mask():
+  p = GaussianVLBProcess(vocab_size=V, latent_dim=D)
+  den = _oracle(p)
+  tokens = _iid_tokens(jax.random.key(7))
+  mask = (jnp.arange(L) < 5).astype(jnp.float32)[None].repeat(B, 0)
+  mask = mask.at[0].set(0.0)
+  k = jax.random.key(8)
+  b1 = p.nll_bound(k, den, tokens, mask).nats
+  np.testing.assert_array_equal(b1, p.nll_bound(k, den, tokens, mask).nats)
+  assert not np.allclose(b1, p.nll_bound(jax.random.key(9), den, tokens,
+                                         mask).nats)
+  # Padded positions contribute nothing: change their tokens, same bound.
+  other = jnp.where(mask > 0, tokens, (tokens + 1) % V)
+  np.testing.assert_allclose(p.nll_bound(k, den, other, mask).nats, b1,
+                             rtol=1e-6)
+  assert float(b1[0]) == 0.0
+
+
+def test_eval_uses_the_two_pass_self_conditioned_prediction():
+  """nll_bound with self-conditioning equals a hand-made two-pass network."""
+  p_sc = GaussianVLBProcess(vocab_size=V, latent_dim=D, base_logits=False)
+  p_plain = dataclasses.replace(p_sc, self_conditioning=False)
+  w_DxV = jax.random.normal(jax.random.key(10), (D, V))
+
+  def net(z, t, self_cond=None):
+    sc = jnp.zeros_like(z) if self_cond is None else self_cond
+    return (z + 3.0 * sc) @ w_DxV + t[:, None, None]
+
+  e_VxD = p_sc.embeddings(Denoiser(predict=None, embed=_embed))
+
+  def two_pass(z, t):
+    x0hat = jax.nn.softmax(net(z, t, jnp.zeros_like(z)), -1) @ e_VxD
+    return net(z, t, x0hat)
+
+  tokens, mask = _iid_tokens(jax.random.key(11)), jnp.ones((B, L))
+  k = jax.random.key(12)
+  np.testing.assert_allclose(
+      p_sc.nll_bound(k, Denoiser(predict=net, embed=_embed), tokens, mask).nats,
+      p_plain.nll_bound(k, Denoiser(predict=two_pass, embed=_embed), tokens,
+                        mask).nats, rtol=1e-5)
+
+
+def test_loss_is_the_bound_per_token_and_has_gradients():
+  p = GaussianVLBProcess(vocab_size=V, latent_dim=D)
+  tokens, mask = _iid_tokens(jax.random.key(13)), jnp.ones((B, L))
+
+  def loss_fn(table, key):
+    den = Denoiser(predict=lambda z, t, self_cond=None: z @ table.T,
+                   embed=lambda ids: jnp.take(table, ids, axis=0))
+    out = p.loss(key, den, tokens, mask)
+    return out.loss, out
+
+  grad_fn = jax.jit(jax.grad(loss_fn, has_aux=True))
+  for seed in range(4):  # covers both branches of the self-cond coin
+    g, out = grad_fn(TABLE_VxD, jax.random.key(seed))
+    total = sum(out.terms.values())
+    np.testing.assert_allclose(out.loss, total.sum() / (B * L), rtol=1e-5)
+    assert set(out.terms) == {"prior", "diffusion", "reconstruction"}
+    assert np.all(np.isfinite(g)) and float(jnp.abs(g).sum()) > 0
+
+
+def test_sampler_reproduces_pi_and_is_deterministic():
+  p = GaussianVLBProcess(vocab_size=V, latent_dim=D, num_steps=64)
+  den = _oracle(p)
+  sample = jax.jit(lambda k: _sample(p, den, k, p.num_steps))
+  ids = sample(jax.random.key(14))
+  np.testing.assert_array_equal(ids, sample(jax.random.key(14)))
+  assert ids.dtype == jnp.int32 and ids.min() >= 0 and ids.max() < V
+  freq = np.bincount(np.asarray(ids).ravel(), minlength=V) / ids.size
+  np.testing.assert_allclose(freq, PI, atol=0.05)
+
+
+def test_replacement_conditioning_keeps_fixed_tokens():
+  p = GaussianVLBProcess(vocab_size=V, latent_dim=D)
+  den = _oracle(p)
+  tokens = jnp.full((B, L), 2, jnp.int32)  # the rarest symbol under pi
+  cond_mask = (jnp.arange(L) % 2 == 0)[None].repeat(B, 0)
+  ids = jax.jit(lambda k: _sample(p, den, k, 32, tokens, cond_mask))(
+      jax.random.key(15))
+  np.testing.assert_array_equal(ids[cond_mask], 2)
+  # The free positions are still drawn (not copied from the condition).
+  assert float(jnp.mean(ids[~cond_mask] == 2)) < 0.5
