@@ -1,0 +1,157 @@
+"""Autoregressive baseline on the shared backbone (causal attention).
+
+-log p(x) = sum_i -log p(x_i | x_<i) (the chain rule, e.g. Bengio et al.
+2003 eq. 1): an exact NLL, so its "bound" has a single term 'nll' and no
+Monte-Carlo error. The network reads [BOS, x_0, ..., x_{L-2}] (BOS id =
+vocab_size, added here) and predicts x_0 ... x_{L-1} at every position at
+once; time is unused and fed as t = 0.
+
+Sampling runs through the generic `Process` API: the time grid has L + 1
+points and the step from t to s fills position round((1 - t) L), left to
+right, with one random number per sequence (inverse-CDF sampling), so
+clamping positions with the default `impose` gives prefix prompting.
+
+Padding is assumed to follow the real tokens (right padding): a causal
+model never looks at later positions, so masked positions change nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from diffusion_text.processes.base import (Bound, Denoiser, LossOutput,
+                                           ModelSpec, Process, make_bound,
+                                           masked_sum, per_token)
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Autoregressive(Process):
+  """Next-token prediction; `temperature` (0: greedy) and `top_p` (nucleus
+  sampling, Holtzman et al. 2020) shape the sampler only."""
+
+  temperature: float = 1.0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+  @property
+  def bos_id(self) -> int:
+    return self.vocab_size
+
+  @property
+  def model_spec(self) -> ModelSpec:
+    return ModelSpec(input="tokens", output="logits",
+                     output_dim=self.vocab_size,
+                     input_vocab=self.vocab_size + 1, causal=True)
+
+  # ---------------------------------------------------------------- training
+  def sample_time(self, key: Array, batch: int) -> Array:
+    del key
+    return jnp.zeros((batch,), jnp.float32)
+
+  def corrupt(self, key: Array, x0: Array, t: Array) -> Array:
+    """The network input: tokens shifted right behind BOS."""
+    del key, t
+    bos_Bx1 = jnp.full((x0.shape[0], 1), self.bos_id, x0.dtype)
+    return jnp.concatenate([bos_Bx1, x0[:, :-1]], axis=1)
+
+  def _logits(self, denoiser: Denoiser, tokens_BxL: Array) -> Array:
+    inputs_BxL = self.corrupt(None, tokens_BxL, None)
+    t_B = jnp.zeros((tokens_BxL.shape[0],), jnp.float32)
+    return denoiser.predict(inputs_BxL, t_B).astype(jnp.float32)
+
+  def token_nll(self, denoiser: Denoiser, tokens: Array) -> Array:
+    """-log p(x_i | x_<i) [B, L] as logsumexp minus the target logit."""
+    logits_BxLxV = self._logits(denoiser, tokens)
+    lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+    target_BxL = jnp.take_along_axis(
+        logits_BxLxV, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return lse_BxL - target_BxL
+
+  def nll_bound(self, key: Array, denoiser: Denoiser, tokens: Array,
+                mask: Array) -> Bound:
+    """The exact per-sequence NLL (nats), over the real positions."""
+    del key
+    return make_bound({"nll": masked_sum(self.token_nll(denoiser, tokens),
+                                         mask)})
+
+  def loss(self, key: Array, denoiser: Denoiser, tokens: Array,
+           mask: Array) -> LossOutput:
+    bound = self.nll_bound(key, denoiser, tokens, mask)
+    nats_per_token = per_token(bound.nats, mask)
+    return LossOutput(loss=nats_per_token,
+                      metrics={"loss": nats_per_token,
+                               "nll_bound": nats_per_token},
+                      terms=bound.terms)
+
+  # ---------------------------------------------------------------- sampling
+  def num_sampling_steps(self, requested: Optional[int], length: int) -> int:
+    """One step per position, whatever was requested."""
+    del requested
+    return length
+
+  def time_grid(self, steps: int, length: int) -> Array:
+    """t_i = 1 - i / L, i = 0..L: the step from t_i fills position i."""
+    del steps
+    return 1.0 - jnp.arange(length + 1, dtype=jnp.float32) / length
+
+  def prior(self, key: Array, shape: tuple[int, int]) -> Array:
+    del key
+    return jnp.zeros(shape, jnp.int32)
+
+  def reverse_step(self, key: Array, denoiser: Denoiser, x_t: Array,
+                   t: Array, s: Array) -> Array:
+    """Sample position round((1 - t) L) given the prefix before it."""
+    del s
+    length = x_t.shape[1]
+    pos = jnp.clip(jnp.round((1.0 - t) * length).astype(jnp.int32),
+                   0, length - 1)
+    logits_BxLxV = self._logits(denoiser, x_t)
+    logits_BxV = jax.lax.dynamic_index_in_dim(logits_BxLxV, pos, axis=1,
+                                              keepdims=False)
+    token_B = self.sample_logits(key, logits_BxV)
+    at_pos_L = jnp.arange(length) == pos
+    return jnp.where(at_pos_L[None, :], token_B[:, None].astype(x_t.dtype),
+                     x_t)
+
+  def sample_logits(self, key: Array, logits_BxV: Array) -> Array:
+    """One draw per row with temperature and nucleus truncation.
+
+    Inverse-CDF sampling: one uniform per row, not one Gumbel per class.
+    """
+    if self.temperature == 0:
+      return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    probs_BxV = jax.nn.softmax(logits_BxV / self.temperature, axis=-1)
+    order_BxV = None
+    if self.top_p < 1.0:
+      order_BxV = jnp.argsort(-probs_BxV, axis=-1)
+      probs_BxV = jnp.take_along_axis(probs_BxV, order_BxV, axis=-1)
+      # Keep the smallest prefix of the sorted classes whose mass reaches
+      # top_p: a class stays if the mass before it is still below top_p.
+      before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+      probs_BxV = jnp.where(before_BxV < self.top_p, probs_BxV, 0.0)
+    cdf_BxV = jnp.cumsum(probs_BxV, axis=-1)
+    u_Bx1 = jax.random.uniform(key, (logits_BxV.shape[0], 1)) * cdf_BxV[:, -1:]
+    idx_B = jnp.sum(cdf_BxV <= u_Bx1, axis=-1)
+    # u * total may round up to the total: fall back to the last class that
+    # has mass rather than step past the end (or onto a truncated class).
+    num_classes = logits_BxV.shape[-1]
+    last_B = num_classes - 1 - jnp.argmax(probs_BxV[:, ::-1] > 0, axis=-1)
+    idx_B = jnp.minimum(idx_B, last_B)
+    if order_BxV is not None:
+      idx_B = jnp.take_along_axis(order_BxV, idx_B[:, None], axis=-1)[:, 0]
+    return idx_B.astype(jnp.int32)
+
+  def decode(self, denoiser: Denoiser, x0: Array) -> Array:
+    del denoiser
+    return x0

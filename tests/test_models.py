@@ -1,0 +1,203 @@
+"""Tests for the denoiser backbone (diffusion_text/models)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from diffusion_text.config import ModelConfig
+from diffusion_text.models import as_denoiser, build_model, count_params
+from diffusion_text.processes.base import ModelSpec
+
+B, L, V, D = 2, 8, 11, 8
+CFG = ModelConfig(num_layers=2, d_model=32, num_heads=2, mlp_ratio=2,
+                  latent_dim=D, cond_dim=16)
+
+
+def perturb(model, seed=1, scale=0.2):
+  """Add noise to every parameter so zero-initialised gates and heads act."""
+  graphdef, params = nnx.split(model)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  leaves = [x + scale * jax.random.normal(k, x.shape, x.dtype)
+            for k, x in zip(keys, leaves)]
+  return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+
+def inputs(spec, seed=0):
+  key = jax.random.key(seed)
+  if spec.input == "tokens":
+    return jax.random.randint(key, (B, L), 0, spec.input_vocab)
+  return jax.random.normal(key, (B, L, D))
+
+
+def spec_for(stem, head, **kw):
+  return ModelSpec(input=stem, output=head,
+                   output_dim=V if head == "logits" else D,
+                   input_vocab=V + 1 if stem == "tokens" else None,
+                   latent_dim=D if stem == "latents" else None, **kw)
+
+
+@pytest.mark.parametrize("stem,head,extra", [
+    ("tokens", "logits", {}),
+    ("tokens", "vector", {"causal": True}),
+    ("latents", "logits", {}),
+    ("latents", "vector", {"self_conditioning": True, "embed_vocab": V,
+                           "learned_schedule": True}),
+])
+def test_shapes_and_params_only(stem, head, extra):
+  spec = spec_for(stem, head, **extra)
+  model = build_model(spec, CFG, seed=0)
+  graphdef, params = nnx.split(model)
+  variables = jax.tree.leaves(nnx.state(model),
+                              is_leaf=lambda v: isinstance(v, nnx.Variable))
+  assert variables and all(type(v) is nnx.Param for v in variables)
+  assert count_params(model) == sum(x.size for x in jax.tree.leaves(params))
+
+  @jax.jit
+  def apply(params, x, t, self_cond=None):
+    return nnx.merge(graphdef, params)(x, t, self_cond)
+
+  x, t_B = inputs(spec), jnp.full((B,), 0.5)
+  out = apply(params, x, t_B)
+  assert out.shape == (B, L, spec.output_dim) and out.dtype == jnp.float32
+  # adaLN-zero: the head starts at zero, so the initial output is zero.
+  np.testing.assert_array_equal(out, 0.0)
+  noisy = nnx.split(perturb(model))[1]
+  out = apply(noisy, x, t_B)
+  assert np.all(np.isfinite(out)) and np.abs(out).max() > 0
+
+  denoiser = as_denoiser(model)
+  assert (denoiser.embed is None) == (not spec.embed_vocab)
+  assert (denoiser.gamma is None) == (not spec.learned_schedule)
+  if spec.self_conditioning:
+    sc = jax.random.normal(jax.random.key(3), x.shape)
+    assert not np.allclose(apply(noisy, x, t_B, sc), out)
+    np.testing.assert_allclose(apply(noisy, x, t_B, jnp.zeros_like(x)), out,
+                               rtol=1e-6, atol=1e-6)
+
+
+def _influence_LxL(model):
+  """|d out_i / d x_j| summed over features, for one latent sequence."""
+  x = inputs(spec_for("latents", "vector"))[:1]
+  t_B = jnp.full((1,), 0.3)
+  graphdef, params = nnx.split(model)
+  jac = jax.jit(jax.jacrev(lambda x: nnx.merge(graphdef, params)(x, t_B)))(x)
+  # jac: [1, L, D, 1, L, D]
+  return np.abs(np.asarray(jac)).sum(axis=(0, 2, 3, 5))
+
+
+def test_causal_attention_by_gradient():
+  causal = perturb(build_model(spec_for("latents", "vector", causal=True),
+                               CFG, seed=0))
+  infl = _influence_LxL(causal)
+  np.testing.assert_array_equal(np.triu(infl, k=1), 0.0)
+  assert np.all(infl[np.tril_indices(L)] > 0)
+  bidir = perturb(build_model(spec_for("latents", "vector"), CFG, seed=0))
+  assert np.all(_influence_LxL(bidir) > 0)
+
+
+def test_time_conditioning_changes_output():
+  spec = spec_for("tokens", "logits")
+  model = perturb(build_model(spec, CFG, seed=0))
+  x = inputs(spec)
+  early = model(x, jnp.full((B,), 0.1))
+  late = model(x, jnp.full((B,), 0.9))
+  assert np.abs(early - late).mean() > 1e-2 * np.abs(early).mean()
+  # Per-example times: example 0 only sees its own t.
+  mixed = model(x, jnp.array([0.1, 0.9]))
+  np.testing.assert_allclose(mixed[0], early[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(mixed[1], late[1], rtol=1e-5, atol=1e-5)
+
+
+def test_learned_gamma_monotone_with_fixed_endpoints():
+  spec = spec_for("latents", "vector", learned_schedule=True,
+                  gamma_range=(-7.0, 5.0))
+  init = as_denoiser(build_model(spec, CFG, seed=0)).gamma
+  trained = as_denoiser(perturb(build_model(spec, CFG, seed=0),
+                                scale=3.0)).gamma
+  t_N = jnp.linspace(0.0, 1.0, 101)
+  for gamma in (init, trained):
+    g_N = gamma(t_N)
+    assert g_N.shape == (101,)
+    assert np.all(np.diff(np.asarray(g_N)) > 0)
+    np.testing.assert_allclose(gamma(jnp.array([0.0, 1.0])), [-7.0, 5.0],
+                               rtol=1e-5, atol=1e-5)
+  # Initialised to (nearly) the straight line between the endpoints.
+  np.testing.assert_allclose(init(t_N), -7.0 + 12.0 * t_N, atol=0.05)
+  assert np.abs(trained(t_N) - (-7.0 + 12.0 * t_N)).max() > 0.05
+
+
+def test_embedding_and_tied_rounding():
+  spec = spec_for("latents", "vector", embed_vocab=V)
+  denoiser = as_denoiser(build_model(spec, CFG, seed=0))
+  ids = jax.random.randint(jax.random.key(0), (B, L), 0, V)
+  e_BxLxD = denoiser.embed(ids)
+  assert e_BxLxD.shape == (B, L, D)
+  table_VxD = denoiser.embed(jnp.arange(V)[None])[0]
+  np.testing.assert_allclose(np.std(table_VxD), 1.0, atol=0.35)
+  logits_BxLxV = denoiser.round_logits(e_BxLxD)
+  np.testing.assert_allclose(logits_BxLxV, e_BxLxD @ table_VxD.T, rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_bfloat16_close_to_float32():
+  spec = spec_for("tokens", "logits")
+  x, t_B = inputs(spec), jnp.full((B,), 0.4)
+  f32 = perturb(build_model(spec, CFG, seed=0))
+  bf16 = perturb(build_model(spec, dataclasses.replace(CFG, dtype="bfloat16"),
+                             seed=0))
+  dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(bf16, nnx.Param))}
+  assert dtypes == {jnp.dtype(jnp.float32)}
+  ref, out = f32(x, t_B), bf16(x, t_B)
+  assert out.dtype == jnp.float32
+  rel = np.abs(out - ref).max() / np.abs(ref).max()
+  assert 0 < rel < 0.05
+
+
+def _value_and_grad(model, x, t_B):
+  graphdef, params = nnx.split(model)
+
+  def loss(params):
+    return jnp.mean(jnp.square(nnx.merge(graphdef, params)(x, t_B)))
+
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_remat_same_value_and_grad():
+  spec = spec_for("latents", "vector")
+  x, t_B = inputs(spec), jnp.full((B,), 0.4)
+  plain = perturb(build_model(spec, CFG, seed=0))
+  remat = perturb(build_model(spec, dataclasses.replace(CFG, remat=True),
+                              seed=0))
+  (v0, g0), (v1, g1) = _value_and_grad(plain, x, t_B), _value_and_grad(
+      remat, x, t_B)
+  np.testing.assert_allclose(v0, v1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-6), g0, g1)
+
+
+def test_scan_layers_matches_loop():
+  spec = spec_for("tokens", "logits", causal=True)
+  x, t_B = inputs(spec), jnp.full((B,), 0.7)
+  loop = perturb(build_model(spec, CFG, seed=0))
+  scan = build_model(spec, dataclasses.replace(CFG, scan_layers=True,
+                                               remat=True), seed=0)
+  assert count_params(scan) == count_params(loop)
+  # Copy the loop model's parameters into the stacked layout.
+  pure = nnx.to_pure_dict(nnx.state(loop, nnx.Param))
+  blocks = pure.pop("blocks")
+  pure["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs),
+                                *[blocks[i] for i in range(CFG.num_layers)])
+  state = nnx.state(scan, nnx.Param)
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(scan, state)
+  np.testing.assert_allclose(scan(x, t_B), loop(x, t_B), rtol=1e-5,
+                             atol=1e-5)
+  (v0, _), (v1, g1) = _value_and_grad(loop, x, t_B), _value_and_grad(
+      scan, x, t_B)
+  np.testing.assert_allclose(v0, v1, rtol=1e-5)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(g1))
