@@ -212,7 +212,10 @@ def prepare(cfg: config_lib.Config,
                  "final partial block padded and masked",
       "format_version": FORMAT_VERSION,
   }
-  key_fields = {k: v for k, v in info.items() if k not in ("path", "files_sha256")}
+  if hasattr(source, "entropy_per_token"):
+    info["entropy_per_token_nats"] = source.entropy_per_token(dc.seq_len)
+  key_fields = {k: v for k, v in info.items()
+                if k not in ("path", "files_sha256", "entropy_per_token_nats")}
   key = f"{dc.source}.{tokenizer.name}.L{dc.seq_len}.{_digest([key_fields, source_id])}"
   root = cache / "tfds" / key
 
@@ -248,6 +251,10 @@ def _text_split(source, tokenizer, detok_fn, split: str, seq_len: int):
 def _build_tokenizer(name: str, source, data_dir, data_files: dict,
                      cache: pathlib.Path) -> tokenizers.Tokenizer:
   """Fixed tokenizers load from the data dir; learned ones from train (cached)."""
+  if name == "identity":
+    raise ConfigError(f"tokenizer 'identity' is for token-level sources "
+                      f"(synthetic), not {source.name!r}; use data.tokenizer="
+                      "word, char, gpt2 or bert")
   if name not in ("char", "word"):
     return tokenizers.make_tokenizer(name, data_dir)
   if "train" not in source.splits:
@@ -296,10 +303,10 @@ def train_batches(prepared: Prepared, batch_size: int, seed: int,
         .batch(per_host, drop_remainder=True)
         .slice(slice(shard_index, None, shard_count))
         .map(_with_mask))
-  step = start_step
-  while True:
-    yield ds[step]
-    step += 1
+  # Random access by step makes resuming exact; threads prefetch ahead so
+  # the device does not wait on record decoding.
+  read = grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
+  return iter(ds[start_step:].to_iter_dataset(read))
 
 
 def eval_batches(prepared: Prepared, split: str, batch_size: int,

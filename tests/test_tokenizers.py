@@ -1,0 +1,115 @@
+"""Tokenizers: published ids, vocabulary sizes, round trips, saved-state checks."""
+
+import shutil
+
+import pytest
+
+from diffusion_text.config import ConfigError
+from diffusion_text.data import tokenizers
+
+
+def test_gpt2_matches_published_ids_and_round_trips(data_dir):
+  tok = tokenizers.make_tokenizer("gpt2", data_dir)
+  assert tok.encode("Hello world") == [15496, 995]
+  assert tok.vocab_size == 50257 and tok.eos_id == 50256
+  text = "  Naïve café — 東京 🙂\n\ttabs, 'quotes' and <unk>s!"
+  assert tok.decode(tok.encode(text)) == text
+  assert tok.decode([tok.eos_id]) == "<|endoftext|>"
+
+
+def test_gpt2_counts_wikitext_test_like_the_reference(data_dir):
+  # README: the HF tokenizer gives 286,221 tokens on the raw test file.
+  tok = tokenizers.make_tokenizer("gpt2", data_dir)
+  text = (data_dir / "wikitext-2-raw" / "wiki.test.raw").read_text("utf-8")
+  assert len(tok.encode(text)) == 286_221
+  rows = text.splitlines(keepends=True)
+  assert tok.encode_batch(rows[:50]) == [tok.encode(r) for r in rows[:50]]
+
+
+def test_gpt2_from_tokenizer_json_has_the_same_vocabulary(data_dir, tmp_path):
+  only_json = tmp_path / "gpt2_tokenizer"
+  only_json.mkdir()
+  shutil.copy(data_dir / "gpt2_tokenizer" / "tokenizer.json", only_json)
+  a = tokenizers.make_tokenizer("gpt2", data_dir)
+  b = tokenizers.make_tokenizer("gpt2", tmp_path)
+  assert a.fingerprint() == b.fingerprint()
+  assert b.encode("Hello world") == [15496, 995]
+
+
+def test_bert_wordpiece_ids_are_vocab_file_lines(data_dir):
+  tok = tokenizers.make_tokenizer("bert", data_dir)
+  lines = (data_dir / "bert-base-uncased" /
+           "bert-base-uncased-vocab.txt").read_text("utf-8").splitlines()
+  assert tok.vocab_size == len(lines) == 30522
+  assert tok.eos_id == lines.index("[SEP]")
+  ids = tok.encode("Hello, World!")   # lower-cased, no [CLS]/[SEP] added
+  assert ids == [lines.index(w) for w in ("hello", ",", "world", "!")]
+  assert tok.decode(ids) == "hello, world!"
+
+
+def test_word_vocabulary_of_ptb(data_dir):
+  train = (data_dir / "ptb" / "ptb.train.txt").read_text("utf-8").splitlines()
+  tok = tokenizers.make_tokenizer("word", data_dir, train)
+  # Mikolov's PTB: 9,999 types (<unk> included) plus <eos>.
+  assert tok.vocab_size == 10_000
+  assert tok.vocab[tok.eos_id] == "<eos>" and tok.vocab[tok.unk_id] == "<unk>"
+  test = (data_dir / "ptb" / "ptb.test.txt").read_text("utf-8").splitlines()
+  ids = [i for line in test for i in tok.encode(line)]
+  n_words = sum(len(line.split()) for line in test)
+  assert len(ids) == n_words
+  # Every test word is in the train vocabulary: unknowns are only literal <unk>.
+  assert ids.count(tok.unk_id) == sum(line.split().count("<unk>") for line in test)
+  line = test[3]
+  assert tok.decode(tok.encode(line) + [tok.eos_id]) == " ".join(line.split()) + "\n"
+  assert tok.encode("zzyzx-not-a-word") == [tok.unk_id]
+
+
+def test_char_round_trip_and_unknowns():
+  tok = tokenizers.make_tokenizer("char", None, ["hello", "world!"])
+  assert tok.vocab[:8] == sorted("helowrd!")
+  assert tok.vocab_size == 8 + 2   # + <unk> + EOS
+  assert tok.decode(tok.encode("hello world!")) == "hello\ufffdworld!"
+  assert tok.encode("hold") == [tok.vocab.index(c) for c in "hold"]
+  assert tok.encode("Q") == [tok.unk_id]
+  assert tok.decode([tok.vocab.index("h"), tok.eos_id]) == "h\n"
+
+
+def test_identity():
+  tok = tokenizers.make_tokenizer("identity", vocab_size=8)
+  assert tok.encode("3 1 7") == [3, 1, 7] and tok.decode([0, 5]) == "0 5"
+  assert tok.eos_id is None
+  with pytest.raises(ValueError):
+    tok.encode("8")
+
+
+@pytest.mark.parametrize("name", ["char", "word", "identity", "gpt2"])
+def test_json_round_trip(name, data_dir):
+  tok = tokenizers.make_tokenizer(name, data_dir, ["a b c", "b c d!"],
+                                  vocab_size=5)
+  back = tokenizers.tokenizer_from_json(tok.to_json())
+  assert type(back) is type(tok)
+  assert back.fingerprint() == tok.fingerprint()
+  assert back.vocab_size == tok.vocab_size and back.eos_id == tok.eos_id
+  if name != "identity":
+    assert back.encode("b c d!") == tok.encode("b c d!")
+
+
+def test_vocabulary_mismatch_is_reported():
+  saved = tokenizers.make_tokenizer("word", None, "a b c").to_json()
+  saved["fingerprint"] = "0" * 64
+  with pytest.raises(ConfigError, match="vocabulary mismatch"):
+    tokenizers.tokenizer_from_json(saved)
+
+
+def test_clear_errors(tmp_path, monkeypatch):
+  with pytest.raises(ConfigError, match="unknown tokenizer 'bpe'.*gpt2"):
+    tokenizers.make_tokenizer("bpe", tmp_path)
+  with pytest.raises(ConfigError, match="DIFFUSION_TEXT_DATA"):
+    tokenizers.make_tokenizer("gpt2", tmp_path / "nowhere")
+  with pytest.raises(ConfigError, match="encoder.json.*DIFFUSION_TEXT_DATA"):
+    tokenizers.make_tokenizer("gpt2", tmp_path)   # exists, but no files
+  monkeypatch.delenv("DIFFUSION_TEXT_DATA")
+  with pytest.raises(ConfigError, match="data.data_dir=PATH"):
+    tokenizers.make_tokenizer("bert")
+  with pytest.raises(ConfigError, match="train"):
+    tokenizers.make_tokenizer("word", None)
