@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffusion_text import sampling
 from diffusion_text.processes import Denoiser, make_process
 from diffusion_text.processes.gaussian_vlb import (GaussianVLBProcess,
                                                    alpha_sigma)
@@ -68,20 +69,8 @@ def _batch_means(process, denoiser, key, tokens, mask):
       jax.random.split(key, 512))
 
 
-def _sample(process, denoiser, key, steps, tokens=None, cond_mask=None):
-  grid = process.time_grid(steps, L)
-  prior_key, step_key, cond_key = jax.random.split(key, 3)
-  z = process.prior(prior_key, (B, L))
-
-  def body(i, z):
-    z = process.reverse_step(jax.random.fold_in(step_key, i), denoiser, z,
-                             grid[i], grid[i + 1])
-    if tokens is not None:
-      z = process.impose(jax.random.fold_in(cond_key, i), denoiser, z,
-                         grid[i + 1], tokens, cond_mask)
-    return z
-
-  return process.decode(denoiser, jax.lax.fori_loop(0, steps, body, z))
+_nll = jax.jit(lambda p, key, den, tokens, mask: p.nll_bound(
+    key, den, tokens, mask), static_argnums=(0, 2))
 
 
 def test_registry_and_model_spec():
@@ -134,7 +123,7 @@ def test_bound_is_zero_for_deterministic_data():
   p = GaussianVLBProcess(vocab_size=V, latent_dim=D, gamma_max=10.0)
   den = _oracle(p, pi=np.array([1.0, 1e-30, 1e-30]))
   tokens, mask = jnp.zeros((B, L), jnp.int32), jnp.ones((B, L))
-  bound = p.nll_bound(jax.random.key(0), den, tokens, mask)
+  bound = _nll(p, jax.random.key(0), den, tokens, mask)
   assert float(jnp.max(jnp.abs(bound.terms["diffusion"]))) < 1e-4
   assert float(jnp.max(bound.terms["reconstruction"])) < 1e-4
   # Prior KL for unit-norm embeddings, closed form.
@@ -173,8 +162,8 @@ def test_learned_schedule_matches_fixed_line_and_is_invariant():
                   gamma=lambda t: gmin + (gmax - gmin) * t)
   key = jax.random.key(6)
   np.testing.assert_allclose(
-      learned.nll_bound(key, line, tokens, mask).nats,
-      fixed.nll_bound(key, oracle, tokens, mask).nats, rtol=1e-5, atol=1e-5)
+      _nll(learned, key, line, tokens, mask).nats,
+      _nll(fixed, key, oracle, tokens, mask).nats, rtol=1e-5, atol=1e-5)
   # Another monotone schedule with the same endpoints: the continuous-time
   # VLB depends only on gamma(0), gamma(1) (VDM eq. 20).
   curved = Denoiser(predict=oracle.predict, embed=_embed,
@@ -192,13 +181,13 @@ def test_determinism_and_mask():
   mask = (jnp.arange(L) < 5).astype(jnp.float32)[None].repeat(B, 0)
   mask = mask.at[0].set(0.0)
   k = jax.random.key(8)
-  b1 = p.nll_bound(k, den, tokens, mask).nats
-  np.testing.assert_array_equal(b1, p.nll_bound(k, den, tokens, mask).nats)
-  assert not np.allclose(b1, p.nll_bound(jax.random.key(9), den, tokens,
+  b1 = _nll(p, k, den, tokens, mask).nats
+  np.testing.assert_array_equal(b1, _nll(p, k, den, tokens, mask).nats)
+  assert not np.allclose(b1, _nll(p, jax.random.key(9), den, tokens,
                                          mask).nats)
   # Padded positions contribute nothing: change their tokens, same bound.
   other = jnp.where(mask > 0, tokens, (tokens + 1) % V)
-  np.testing.assert_allclose(p.nll_bound(k, den, other, mask).nats, b1,
+  np.testing.assert_allclose(_nll(p, k, den, other, mask).nats, b1,
                              rtol=1e-6)
   assert float(b1[0]) == 0.0
 
@@ -222,8 +211,8 @@ def test_eval_uses_the_two_pass_self_conditioned_prediction():
   tokens, mask = _iid_tokens(jax.random.key(11)), jnp.ones((B, L))
   k = jax.random.key(12)
   np.testing.assert_allclose(
-      p_sc.nll_bound(k, Denoiser(predict=net, embed=_embed), tokens, mask).nats,
-      p_plain.nll_bound(k, Denoiser(predict=two_pass, embed=_embed), tokens,
+      _nll(p_sc, k, Denoiser(predict=net, embed=_embed), tokens, mask).nats,
+      _nll(p_plain, k, Denoiser(predict=two_pass, embed=_embed), tokens,
                         mask).nats, rtol=1e-5)
 
 
@@ -248,22 +237,47 @@ def test_loss_is_the_bound_per_token_and_has_gradients():
 
 def test_sampler_reproduces_pi_and_is_deterministic():
   p = GaussianVLBProcess(vocab_size=V, latent_dim=D, num_steps=64)
-  den = _oracle(p)
-  sample = jax.jit(lambda k: _sample(p, den, k, p.num_steps))
-  ids = sample(jax.random.key(14))
-  np.testing.assert_array_equal(ids, sample(jax.random.key(14)))
+  sample = sampling.make_sampler(p, B, L)  # carries x0-hat as sampler state
+  ids = sample(jax.random.key(14), _oracle(p))
+  np.testing.assert_array_equal(ids, sample(jax.random.key(14), _oracle(p)))
   assert ids.dtype == jnp.int32 and ids.min() >= 0 and ids.max() < V
   freq = np.bincount(np.asarray(ids).ravel(), minlength=V) / ids.size
   np.testing.assert_allclose(freq, PI, atol=0.05)
 
 
+def test_stateful_step_self_conditions_on_the_previous_prediction():
+  p = GaussianVLBProcess(vocab_size=V, latent_dim=D, base_logits=False)
+  w_DxV = jax.random.normal(jax.random.key(16), (D, V))
+  den = Denoiser(predict=lambda z, t, self_cond: (z + 3.0 * self_cond) @ w_DxV,
+                 embed=_embed)
+  z_t = jax.random.normal(jax.random.key(17), (B, L, D))
+  state = jax.random.normal(jax.random.key(18), (B, L, D))
+  key = jax.random.key(19)
+  z_s, new_state = p.reverse_step_with_state(key, den, z_t, 0.5, 0.4, state)
+  e_VxD = p.embeddings(den)
+  np.testing.assert_allclose(
+      new_state, jax.nn.softmax(den.predict(z_t, None, state), -1) @ e_VxD,
+      rtol=1e-5, atol=1e-6)
+  zeros = p.init_sampler_state(z_t)
+  np.testing.assert_array_equal(zeros, jnp.zeros_like(z_t))
+  z_s0, _ = p.reverse_step_with_state(key, den, z_t, 0.5, 0.4, zeros)
+  assert not np.allclose(z_s, z_s0)  # the state reaches the network
+
+
 def test_replacement_conditioning_keeps_fixed_tokens():
   p = GaussianVLBProcess(vocab_size=V, latent_dim=D)
-  den = _oracle(p)
-  tokens = jnp.full((B, L), 2, jnp.int32)  # the rarest symbol under pi
-  cond_mask = (jnp.arange(L) % 2 == 0)[None].repeat(B, 0)
-  ids = jax.jit(lambda k: _sample(p, den, k, 32, tokens, cond_mask))(
-      jax.random.key(15))
-  np.testing.assert_array_equal(ids[cond_mask], 2)
+  cond_tokens = jnp.full((L,), 2, jnp.int32)  # the rarest symbol under pi
+  cond_mask = jnp.arange(L) % 2 == 0
+  ids = sampling.make_sampler(p, B, L, steps=32)(
+      jax.random.key(15), _oracle(p), cond_tokens, cond_mask)
+  np.testing.assert_array_equal(ids[:, cond_mask], 2)
   # The free positions are still drawn (not copied from the condition).
-  assert float(jnp.mean(ids[~cond_mask] == 2)) < 0.5
+  assert float(jnp.mean(ids[:, ~cond_mask] == 2)) < 0.5
+  # At t = 0 a fixed position is the noise-free alpha_0 e_w.
+  z = p.impose(jax.random.key(20), _oracle(p), jnp.zeros((B, L, D)), 0.0,
+               jnp.broadcast_to(cond_tokens, (B, L)),
+               jnp.broadcast_to(cond_mask, (B, L)))
+  alpha0 = alpha_sigma(p.gamma(0.0))[0]
+  np.testing.assert_allclose(z[:, 0], alpha0 * p.embeddings(_oracle(p))[2]
+                             * jnp.ones((B, 1)), rtol=1e-6)
+  np.testing.assert_array_equal(z[:, 1], 0.0)

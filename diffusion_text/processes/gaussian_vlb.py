@@ -35,7 +35,9 @@ Choices (documented here because they change numbers):
     batch; with probability `self_cond_rate` a stop-gradient first pass gives
     the x0-hat fed to the second. The evaluated bound and the sampler always
     use the two-pass prediction; either way x0-hat is a deterministic function
-    of z_t, so the bound stays a valid VLB.
+    of z_t, so the bound stays a valid VLB. `reverse_step` uses the two-pass
+    prediction too; the shared sampling loop instead carries the previous
+    step's x0-hat as sampler state (PLAID's sample.py), one call per step.
   * With `learned_schedule` gamma comes from `denoiser.gamma` (its slope by
     jax.jvp) and receives the plain ELBO gradient; VDM's variance-minimising
     schedule gradient is not implemented.
@@ -253,7 +255,24 @@ class GaussianVLBProcess(Process):
   def reverse_step(self, key: Array, denoiser: Denoiser, x_t: Array,
                    t: Array, s: Array) -> Array:
     """Ancestral step z_t -> z_s from q(z_s | z_t, x = x0-hat) (VDM app. A.4,
-    eq. 33); PLAID's score temperature divides eps-hat; s == 0: the mean."""
+    eq. 33) with the two-pass x0-hat; s == 0 gives the mean."""
+    return self._step(key, denoiser, x_t, t, s, None)[0]
+
+  def init_sampler_state(self, x_T: Array) -> Array:
+    """The previous step's x0-hat, fed back as self-conditioning (zeros)."""
+    return jnp.zeros_like(x_T)
+
+  def reverse_step_with_state(self, key: Array, denoiser: Denoiser, x_t: Array,
+                              t: Array, s: Array, state: Array
+                              ) -> tuple[Array, Array]:
+    """As `reverse_step`, but self-conditioned on the previous step's x0-hat
+    (PLAID's sampler): one network call per step instead of two."""
+    if not self.self_conditioning:
+      return self._step(key, denoiser, x_t, t, s, None)
+    return self._step(key, denoiser, x_t, t, s, state)
+
+  def _step(self, key: Array, denoiser: Denoiser, x_t: Array, t: Array,
+            s: Array, self_cond: Optional[Array]) -> tuple[Array, Array]:
     batch = x_t.shape[0]
     t_B = jnp.full((batch,), t, jnp.float32)
     gammas = self.gamma(jnp.stack([jnp.asarray(t, jnp.float32),
@@ -262,15 +281,22 @@ class GaussianVLBProcess(Process):
     alpha_t, sigma_t = alpha_sigma(gamma_t)
     alpha_s, sigma_s = alpha_sigma(gamma_s)
     e_VxD = self.embeddings(denoiser)
-    x0hat_BxLxD = self.predict_x0(denoiser, x_t, t_B,
-                                  jnp.full((batch,), gamma_t), e_VxD)
+    gamma_B = jnp.full((batch,), gamma_t)
+    if self_cond is None:
+      x0hat_BxLxD = self.predict_x0(denoiser, x_t, t_B, gamma_B, e_VxD)
+    else:
+      x0hat_BxLxD = self._x0hat(
+          self._logits(denoiser, x_t, t_B, gamma_B, e_VxD, self_cond), e_VxD)
+    x0_BxLxD = x0hat_BxLxD
     if self.score_temperature != 1.0:
+      # PLAID: divide eps-hat by the temperature, then re-derive x0-hat.
       eps_hat = (x_t - alpha_t * x0hat_BxLxD) / sigma_t / self.score_temperature
-      x0hat_BxLxD = (x_t - sigma_t * eps_hat) / alpha_t
+      x0_BxLxD = (x_t - sigma_t * eps_hat) / alpha_t
     c = -jnp.expm1(gamma_s - gamma_t)  # 1 - SNR(t) / SNR(s)
-    mean = alpha_s / alpha_t * (1.0 - c) * x_t + c * alpha_s * x0hat_BxLxD
+    mean = alpha_s / alpha_t * (1.0 - c) * x_t + c * alpha_s * x0_BxLxD
     std = jnp.where(s > 0, jnp.sqrt(c) * sigma_s, 0.0)
-    return mean + std * jax.random.normal(key, x_t.shape, jnp.float32)
+    z_s = mean + std * jax.random.normal(key, x_t.shape, jnp.float32)
+    return z_s, x0hat_BxLxD
 
   def decode(self, denoiser: Denoiser, x0: Array) -> Array:
     """Most likely token under the VDM decoder (the nearest embedding)."""
