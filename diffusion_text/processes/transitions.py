@@ -69,7 +69,7 @@ class Transition(abc.ABC):
     return r * p + (1.0 - r) * self.limit()
 
   def column(self, k: Array, r: Array) -> Array:
-    """Column Q(r)[:, k] -> [..., K]: q(x_t = k | x_s = j) as a function of j."""
+    """Column Q(r)[:, k] -> [..., K]: q(x_t = k | x_s = j) over j."""
     r = jnp.asarray(r, jnp.float32)
     onehot = jax.nn.one_hot(k, self.num_states, dtype=jnp.float32)
     return (r[..., None] * onehot
@@ -77,7 +77,7 @@ class Transition(abc.ABC):
 
   @classmethod
   def dense_matrix(cls, beta: Array, vocab_size: int) -> Array:
-    """The one-step matrix Q = (1 - beta) I + beta 1 pi^T [K, K] (tests only)."""
+    """One-step Q = (1 - beta) I + beta 1 pi^T as a dense [K, K] (tests)."""
     family = cls(vocab_size)
     eye = jnp.eye(family.num_states, dtype=jnp.float32)
     return (1.0 - beta) * eye + beta * family.limit()[None, :]

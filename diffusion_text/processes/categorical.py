@@ -1,0 +1,337 @@
+"""D3PM: discrete-time categorical diffusion with uniform or absorbing
+transitions (Austin et al. 2021, "Structured Denoising Diffusion Models in
+Discrete State-Spaces").
+
+Forward (eq. 3): q(x_i | x_0) = Cat(x_0 Q-bar_i), Q-bar_i = Q(alpha_bar_i)
+with alpha_bar_i = schedule.alpha(i / T) (closed forms in `transitions.py`;
+the s -> t transition keeps a token with probability alpha(t) / alpha(s)).
+
+Reverse, x0-parameterised (eq. 4, sec. 3.3): the network gives logits of
+p~(x_0 | x_t) over the V data tokens and
+
+    p(x_s | x_t) ∝ q(x_t | x_s) sum_x0 q(x_s | x0) p~(x0 | x_t),
+
+used for every step including s = 0, where it reads
+p(x_0 | x_1) ∝ q(x_1 | x_0) p~(x_0 | x_1). (The reference code uses p~
+itself at t = 0; the form above is the same model at every step, so an exact
+p~ for i.i.d. data makes the whole bound exact. For absorbing the two agree:
+unmasked tokens are copied, masked ones drawn from p~.)
+
+Bound (eq. 1): KL(q(x_T|x0) || p(x_T)) + sum_{i>=2} KL(q(x_{i-1}|x_i,x0) ||
+p(x_{i-1}|x_i)) - log p(x0|x_1), with the sum over steps estimated by one
+i ~ U{1..T} per sequence: T * L_i. Its value goes to the term
+'reconstruction' when i = 1 and to 'diffusion' otherwise (each term is then
+unbiased for its own part). Loss (eq. 5): L_vb + lambda * CE(x0 | x_t).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import xlogy
+
+from diffusion_text.processes import transitions
+from diffusion_text.processes.base import (Bound, Denoiser, LossOutput,
+                                           ModelSpec, Process, make_bound,
+                                           masked_sum, per_token)
+from diffusion_text.processes.schedules import make_schedule
+
+Array = jax.Array
+
+# Floor for probabilities that are positive in exact arithmetic but may round
+# to zero in float32 (keeps logs finite and gradients free of 0 * inf).
+_TINY = 1e-30
+
+
+def _expand(t: Array, x: Array) -> Array:
+  """Times whose shape is a prefix of x's ([], [B], [B, L]) -> broadcastable."""
+  t = jnp.asarray(t, jnp.float32)
+  return t.reshape(t.shape + (1,) * (x.ndim - t.ndim))
+
+
+def _take(v_BxLxV: Array, ids_BxL: Array) -> Array:
+  return jnp.take_along_axis(v_BxLxV, ids_BxL[..., None], axis=-1)[..., 0]
+
+
+def _categorical(u_BxL: Array, logits_BxLxV: Array) -> Array:
+  """Inverse-CDF draw from softmax(logits): one uniform per position."""
+  probs_BxLxV = jax.nn.softmax(logits_BxLxV, axis=-1)
+  cdf_BxLxV = jnp.cumsum(probs_BxLxV, axis=-1)
+  ids = jnp.sum(cdf_BxLxV < u_BxL[..., None] * cdf_BxLxV[..., -1:], axis=-1)
+  return jnp.minimum(ids, logits_BxLxV.shape[-1] - 1).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class D3PM(Process):
+  """Shared D3PM machinery; subclasses fix the transition family."""
+
+  num_steps: int = 1000        # T; step i sits at time t_i = i / T
+  schedule: str = "cosine"     # alpha_bar(t) by name (schedules.py)
+  hybrid_lambda: float = 0.01  # weight of the auxiliary CE(x0 | x_t), eq. 5
+  temperature: float = 1.0     # divides the x0-logits when sampling
+
+  # ---- family-specific pieces ------------------------------------------
+  @property
+  def transition(self) -> transitions.Transition:
+    raise NotImplementedError
+
+  def _step_term(self, logits_BxLxV, lse_BxL, x_t, x0, a_s, a_t) -> Array:
+    """KL(q(x_s | x_t, x0) || p(x_s | x_t)) per position [B, L]; at s = 0
+    (a_s = 1) this is -log p(x0 | x_t)."""
+    raise NotImplementedError
+
+  def _ce_positions(self, x_t: Array) -> Array:
+    """Where the auxiliary CE(x0 | x_t) is taken (bool [B, L])."""
+    raise NotImplementedError
+
+  def _prior_kl(self, a_T: Array) -> Array:
+    """KL(q(x_T | x0) || p(x_T)) per position (the same for every x0)."""
+    raise NotImplementedError
+
+  def _reverse_sample(self, key, logits_BxLxV, x_t, a_s, a_t, at_zero):
+    raise NotImplementedError
+
+  # ---- schedule ----------------------------------------------------------
+  def alpha_bar(self, t: Array) -> Array:
+    """Keep probability of q(x_t | x_0), clipped to [0, 1] (cosine dips
+    just below 0 at t = 1 in float32)."""
+    alpha = make_schedule(self.schedule).alpha(jnp.asarray(t, jnp.float32))
+    return jnp.clip(alpha, 0.0, 1.0)
+
+  def _keep_ratio(self, a_s: Array, a_t: Array) -> Array:
+    return jnp.clip(a_t / jnp.maximum(a_s, _TINY), 0.0, 1.0)
+
+  @property
+  def model_spec(self) -> ModelSpec:
+    return ModelSpec(input="tokens", output="logits",
+                     output_dim=self.vocab_size,
+                     input_vocab=self.transition.num_states)
+
+  # ---- exact math (tested against dense matrices) ------------------------
+  def marginal_probs(self, x0: Array, t: Array) -> Array:
+    """q(x_t | x_0) -> [..., K]; t's shape is a prefix of x0's."""
+    return self.transition.marginal(x0, self.alpha_bar(_expand(t, x0)))
+
+  def posterior_probs(self, x_t: Array, x0: Array, s: Array,
+                      t: Array) -> Array:
+    """q(x_s | x_t, x_0) -> [..., K] for s < t, by Bayes' rule
+    q(x_t | x_s) q(x_s | x0) / q(x_t | x0). All zeros when q(x_t | x0) = 0."""
+    a_s = self.alpha_bar(_expand(s, x_t))
+    a_t = self.alpha_bar(_expand(t, x_t))
+    joint = (self.transition.column(x_t, self._keep_ratio(a_s, a_t))
+             * self.transition.marginal(x0, a_s))
+    return joint / jnp.maximum(joint.sum(-1, keepdims=True), _TINY)
+
+  def p_theta_probs(self, logits_BxLxV: Array, x_t: Array, s: Array,
+                    t: Array) -> Array:
+    """p(x_s | x_t) ∝ q(x_t | x_s) sum_x0 q(x_s | x0) p~(x0 | x_t) -> [..., K]
+    (dense over K; the bound and sampler use closed forms instead). All zeros
+    where x_t cannot occur at time t."""
+    a_s = self.alpha_bar(_expand(s, x_t))
+    a_t = self.alpha_bar(_expand(t, x_t))
+    p0 = jax.nn.softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+    joint = (self.transition.column(x_t, self._keep_ratio(a_s, a_t))
+             * self.transition.mix(p0, a_s))
+    return joint / jnp.maximum(joint.sum(-1, keepdims=True), _TINY)
+
+  def step_term(self, logits_BxLxV: Array, x_t: Array, x0: Array, s: Array,
+                t: Array) -> Array:
+    """Per-position L(s, t) = KL(q(x_s|x_t,x0) || p(x_s|x_t)) [B, L] in nats
+    (-log p(x0 | x_t) at s = 0), in O(V) per position."""
+    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+    return self._step_term(logits_BxLxV, lse_BxL, x_t, x0,
+                           self.alpha_bar(_expand(s, x_t)),
+                           self.alpha_bar(_expand(t, x_t)))
+
+  # ---- training ----------------------------------------------------------
+  def sample_time(self, key: Array, batch: int) -> Array:
+    """Stratified steps i in {1..T} (each marginally uniform) -> t = i / T."""
+    u = (jax.random.uniform(key) + jnp.arange(batch) / batch) % 1.0
+    i = jnp.clip(jnp.floor(u * self.num_steps) + 1, 1, self.num_steps)
+    return i / self.num_steps
+
+  def corrupt(self, key: Array, x0: Array, t: Array) -> Array:
+    return self.transition.sample(key, x0, self.alpha_bar(_expand(t, x0)))
+
+  def _estimate(self, key, denoiser, tokens, mask):
+    """One-draw VLB terms [B] and the auxiliary CE summed per sequence [B]."""
+    batch = tokens.shape[0]
+    time_key, noise_key = jax.random.split(key)
+    mask = mask.astype(bool)
+    x0 = jnp.where(mask, tokens, 0).astype(jnp.int32)  # padding ids may be junk
+    t_B = self.sample_time(time_key, batch)
+    i_B = jnp.round(t_B * self.num_steps).astype(jnp.int32)
+    s_B = (i_B - 1) / self.num_steps
+    x_t = self.corrupt(noise_key, x0, t_B)
+    logits_BxLxV = denoiser.predict(x_t, t_B).astype(jnp.float32)
+    lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+    nll_BxL = lse_BxL - _take(logits_BxLxV, x0)  # -log p~(x0 | x_t)
+    a_s, a_t = self.alpha_bar(s_B[:, None]), self.alpha_bar(t_B[:, None])
+    step_B = self.num_steps * masked_sum(
+        self._step_term(logits_BxLxV, lse_BxL, x_t, x0, a_s, a_t), mask)
+    prior_B = masked_sum(
+        jnp.broadcast_to(self._prior_kl(self.alpha_bar(1.0)), mask.shape), mask)
+    first = i_B == 1
+    terms = {"prior": prior_B,
+             "diffusion": jnp.where(first, 0.0, step_B),
+             "reconstruction": jnp.where(first, step_B, 0.0)}
+    ce_B = masked_sum(jnp.where(self._ce_positions(x_t), nll_BxL, 0.0), mask)
+    return terms, ce_B
+
+  def nll_bound(self, key: Array, denoiser: Denoiser, tokens: Array,
+                mask: Array) -> Bound:
+    terms, _ = self._estimate(key, denoiser, tokens, mask)
+    return make_bound(terms)
+
+  def loss(self, key: Array, denoiser: Denoiser, tokens: Array,
+           mask: Array) -> LossOutput:
+    """L_vb (nats/token) + hybrid_lambda * CE(x0 | x_t) (nats/real token)."""
+    terms, ce_B = self._estimate(key, denoiser, tokens, mask)
+    bound = make_bound(terms)
+    nll = per_token(bound.nats, mask)
+    ce = per_token(ce_B, mask)
+    loss = nll + self.hybrid_lambda * ce
+    metrics = {"loss": loss, "nll_bound": nll, "ce": ce}
+    metrics.update({k: per_token(v, mask) for k, v in terms.items()})
+    return LossOutput(loss, metrics, bound.terms)
+
+  # ---- sampling ----------------------------------------------------------
+  def reverse_step(self, key: Array, denoiser: Denoiser, x_t: Array,
+                   t: Array, s: Array) -> Array:
+    """Ancestral step t -> s < t on any grid; s = 0 yields clean tokens."""
+    t_B = jnp.full((x_t.shape[0],), t, jnp.float32)
+    logits_BxLxV = denoiser.predict(x_t, t_B).astype(jnp.float32)
+    logits_BxLxV = logits_BxLxV / self.temperature
+    return self._reverse_sample(key, logits_BxLxV, x_t, self.alpha_bar(s),
+                                self.alpha_bar(t), jnp.asarray(s) <= 0.0)
+
+  def decode(self, denoiser: Denoiser, x0: Array) -> Array:
+    del denoiser
+    return x0.astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class D3PMUniform(D3PM):
+  """Q_t = (1 - b_t) I + b_t / V 11^T; prior Uniform(V)."""
+
+  @property
+  def transition(self) -> transitions.Uniform:
+    return transitions.Uniform(self.vocab_size)
+
+  def _step_term(self, logits_BxLxV, lse_BxL, x_t, x0, a_s, a_t):
+    # q(x_s = j | x_t = k, x0) ∝ (c1 + r [j=k]) (c2 + a_s [j=x0]) and
+    # p(x_s = j | x_t = k) ∝ (c1 + r [j=k]) M_j, M_j = a_s p~_j + c2, so
+    # log(q_j / p_j) = log(Zp / Zq) - log(M_j / c2) + [j=x0] log(1 + a_s/c2):
+    # one O(V) reduction, sum_j q_j softplus(log(a_s p~_j / c2)), no V-sized
+    # log-probabilities kept.
+    v = self.vocab_size
+    r = self._keep_ratio(a_s, a_t)
+    c1 = jnp.maximum((1.0 - r) / v, _TINY)
+    c2 = jnp.maximum((1.0 - a_s) / v, _TINY)
+    same = (x_t == x0).astype(jnp.float32)
+    logp_k = _take(logits_BxLxV, x_t) - lse_BxL
+    logp_x = _take(logits_BxLxV, x0) - lse_BxL
+    log_ratio = jnp.log(jnp.maximum(a_s, _TINY)) - jnp.log(c2)
+    sp_sum = jnp.sum(jax.nn.softplus(
+        (log_ratio - lse_BxL)[..., None] + logits_BxLxV), axis=-1)
+    sp_k = jax.nn.softplus(log_ratio + logp_k)
+    sp_x = jax.nn.softplus(log_ratio + logp_x)
+    z_q = v * c1 * c2 + r * c2 + a_s * c1 + same * r * a_s
+    z_p = c1 + r * (a_s * jnp.exp(logp_k) + c2)
+    mean_sp = (c1 * c2 * sp_sum + r * c2 * sp_k
+               + (c1 + same * r) * a_s * sp_x) / z_q
+    q_x = (c1 + same * r) * (c2 + a_s) / z_q
+    kl = (jnp.log(z_p) - jnp.log(z_q) - mean_sp
+          + q_x * jax.nn.softplus(log_ratio))
+    # s = 0: -log p(x0 | x_t), p(j | k) = (c1 + r [j=k]) p~_j / (c1 + r p~_k).
+    nll0 = (jnp.logaddexp(jnp.log(c1), jnp.log(jnp.maximum(r, _TINY)) + logp_k)
+            - jnp.log(c1 + r * same) - logp_x)
+    return jnp.where(a_s >= 1.0, nll0, jnp.maximum(kl, 0.0))
+
+  def _ce_positions(self, x_t):
+    return jnp.ones(x_t.shape, bool)
+
+  def _prior_kl(self, a_T):
+    v = self.vocab_size
+    c = (1.0 - a_T) / v
+    return xlogy(a_T + c, v * (a_T + c)) + (v - 1) * xlogy(c, v * c)
+
+  def prior(self, key: Array, shape: tuple[int, int]) -> Array:
+    return jax.random.randint(key, shape, 0, self.vocab_size, jnp.int32)
+
+  def _reverse_sample(self, key, logits_BxLxV, x_t, a_s, a_t, at_zero):
+    # p(x_s | x_t = k) is a mixture: keep k (weight r M_k), a draw from p~
+    # (c1 a_s) or a uniform token (c1 (1 - a_s)), all over Z = c1 + r M_k.
+    v = self.vocab_size
+    r = self._keep_ratio(a_s, a_t)
+    c1 = (1.0 - r) / v
+    p_k = _take(jax.nn.softmax(logits_BxLxV, axis=-1), x_t)
+    keep_w = r * (a_s * p_k + (1.0 - a_s) / v)
+    z = c1 + keep_w
+    choice_key, draw_key = jax.random.split(key)
+    u_choice = jax.random.uniform(choice_key, x_t.shape) * z
+    u_draw = jax.random.uniform(draw_key, x_t.shape)
+    # The same uniform serves p~ or the uniform replacement (exclusive).
+    from_model = _categorical(u_draw, logits_BxLxV)
+    from_uniform = jnp.minimum(jnp.floor(u_draw * v), v - 1).astype(jnp.int32)
+    # At s = 0 (a_s = 1) the uniform component has weight 0; `at_zero` only
+    # guards against u_choice rounding up to z.
+    from_noise = jnp.where(at_zero, from_model, from_uniform)
+    x_s = jnp.where(u_choice < keep_w, x_t,
+                    jnp.where(u_choice < keep_w + c1 * a_s, from_model,
+                              from_noise))
+    return x_s.astype(x_t.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class D3PMAbsorbing(D3PM):
+  """Q_t = (1 - b_t) I + b_t 1 e_m^T with [MASK] m = V; prior: all [MASK].
+
+  alpha_bar(1) is 0 exactly, so q(x_T | x0) is the all-mask prior.
+  """
+
+  schedule: str = "linear"  # alpha = 1 - t: D3PM's b_i = 1 / (T - i + 1)
+
+  @property
+  def mask_id(self) -> int:
+    return self.vocab_size
+
+  @property
+  def transition(self) -> transitions.Absorbing:
+    return transitions.Absorbing(self.vocab_size)
+
+  def alpha_bar(self, t: Array) -> Array:
+    t = jnp.asarray(t, jnp.float32)
+    return jnp.where(t >= 1.0, 0.0, super().alpha_bar(t))
+
+  def _step_term(self, logits_BxLxV, lse_BxL, x_t, x0, a_s, a_t):
+    # Zero unless x_t is masked; there q(x_s = x0 | ...) = (a_s - a_t)/(1 - a_t)
+    # and p puts p~ on the same mass, so KL = that weight times -log p~(x0).
+    weight = (a_s - a_t) / jnp.maximum(1.0 - a_t, _TINY)
+    nll = lse_BxL - _take(logits_BxLxV, x0)
+    return jnp.where(x_t == self.mask_id, weight * nll, 0.0)
+
+  def _ce_positions(self, x_t):
+    return x_t == self.mask_id
+
+  def _prior_kl(self, a_T):
+    # KL(a_T e_x0 + (1 - a_T) e_m || e_m): infinite unless a_T = 0.
+    return xlogy(1.0 - a_T, 1.0 - a_T) + jnp.where(a_T > 0, jnp.inf, 0.0)
+
+  def prior(self, key: Array, shape: tuple[int, int]) -> Array:
+    del key
+    return jnp.full(shape, self.mask_id, jnp.int32)
+
+  def _reverse_sample(self, key, logits_BxLxV, x_t, a_s, a_t, at_zero):
+    # Only masked positions can change: unmask with prob (a_s - a_t)/(1 - a_t)
+    # (exactly 1 at s = 0, so no [MASK] survives the last step).
+    unmask_w = (a_s - a_t) / jnp.maximum(1.0 - a_t, _TINY)
+    unmask_w = jnp.where(at_zero, 1.0, unmask_w)
+    choice_key, draw_key = jax.random.split(key)
+    unmask = ((x_t == self.mask_id)
+              & (jax.random.uniform(choice_key, x_t.shape) < unmask_w))
+    x0_hat = _categorical(jax.random.uniform(draw_key, x_t.shape), logits_BxLxV)
+    return jnp.where(unmask, x0_hat, x_t).astype(x_t.dtype)
