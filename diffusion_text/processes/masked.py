@@ -44,6 +44,14 @@ Array = jax.Array
 
 _SAMPLERS = ("ancestral", "cached")
 
+# 1 - alpha(t) without cancellation at small t, where 1 - alpha rounds to 0
+# in float32 (cos(pi/2 t) == 1 for t < ~3e-4) and the ELBO weight would be
+# inf * 0 = nan. Other schedules fall back to 1 - alpha(t).
+_COMPLEMENTS = {
+    "linear": lambda t: t,
+    "cosine": lambda t: 2.0 * jnp.sin(0.25 * math.pi * t) ** 2,
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class MaskedProcess(base.Process):
@@ -87,9 +95,16 @@ class MaskedProcess(base.Process):
     """Keep probability, clipped to [0, 1] (float32 cos(pi/2) < 0)."""
     return jnp.clip(self.noise_schedule.alpha(t), 0.0, 1.0)
 
+  def mask_prob(self, t: Array) -> Array:
+    """1 - alpha(t), computed without cancellation where we know how."""
+    stable = _COMPLEMENTS.get(self.schedule)
+    if stable is None:
+      return 1.0 - self.alpha(t)
+    return jnp.clip(stable(jnp.asarray(t, jnp.float32)), 0.0, 1.0)
+
   def loss_weight(self, t: Array) -> Array:
     """-alpha'(t) / (1 - alpha(t)): the ELBO weight of masked CE at time t."""
-    return -self.noise_schedule.dalpha(t) / (1.0 - self.alpha(t))
+    return -self.noise_schedule.dalpha(t) / self.mask_prob(t)
 
   @property
   def model_spec(self) -> base.ModelSpec:
@@ -127,7 +142,7 @@ class MaskedProcess(base.Process):
     return 1.0 - (1.0 - self.t_min) * u_B  # in (t_min, 1]
 
   def corrupt(self, key: Array, x0: Array, t: Array) -> Array:
-    drop_BxL = jax.random.uniform(key, x0.shape) < 1.0 - self.alpha(t)[:, None]
+    drop_BxL = jax.random.uniform(key, x0.shape) < self.mask_prob(t)[:, None]
     return jnp.where(drop_BxL, self.mask_id, x0).astype(jnp.int32)
 
   def nll_bound(self, key: Array, denoiser: base.Denoiser, tokens: Array,
@@ -148,7 +163,7 @@ class MaskedProcess(base.Process):
     return base.make_bound({
         "diffusion": (1.0 - self.t_min) * self.loss_weight(t_B) * masked_ce_B,
         "prior": n_B * self.alpha(one) * log_v,
-        "reconstruction": n_B * (1.0 - self.alpha(self.t_min * one)) * log_v,
+        "reconstruction": n_B * self.mask_prob(self.t_min * one) * log_v,
     })
 
   def loss(self, key: Array, denoiser: base.Denoiser, tokens: Array,
@@ -202,8 +217,8 @@ class MaskedProcess(base.Process):
                        t: Array, s: Array) -> Array:
     """MDLM eq. 7: each [MASK] unmasks with prob (a_s - a_t) / (1 - a_t)."""
     unmask_key, token_key = jax.random.split(key)
-    a_s, a_t = self.alpha(s), self.alpha(t)
-    p_unmask = jnp.where(s <= 0.0, 1.0, (a_s - a_t) / (1.0 - a_t))
+    m_s, m_t = self.mask_prob(s), self.mask_prob(t)
+    p_unmask = jnp.where(s <= 0.0, 1.0, (m_t - m_s) / m_t)
     unmask_BxL = jax.random.uniform(unmask_key, x_t.shape) < p_unmask
     x0_BxL = self._draw(token_key, probs_BxLxV)
     return jnp.where((x_t == self.mask_id) & unmask_BxL, x0_BxL, x_t)
