@@ -84,7 +84,7 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, *, graphdef,
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = _ema_update(state.ema, params, state.step, ema_decay)
-  metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+  metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
   return TrainState(state.step + 1, params, opt_state, ema), metrics
 
 
