@@ -152,7 +152,10 @@ class MaskedProcess(base.Process):
     t_B = self.sample_time(time_key, x0_BxL.shape[0])
     x_t = self.corrupt(noise_key, x0_BxL, t_B)
     logits_BxLxV = denoiser.predict(x_t, t_B).astype(jnp.float32)
-    # -log softmax at the target only: logsumexp minus the target logit.
+    # -log softmax at the target only: logsumexp minus the target logit (no
+    # [B, L, V] log-probabilities). It runs at every position because
+    # gathering just the masked ones would need a dynamic shape; the where in
+    # masked_sum drops the rest.
     target_BxL = jnp.take_along_axis(logits_BxLxV, x0_BxL[..., None], -1)[..., 0]
     ce_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1) - target_BxL
     real_BxL = mask.astype(bool)
