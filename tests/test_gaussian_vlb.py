@@ -93,7 +93,8 @@ def test_vp_marginal_moments():
   np.testing.assert_allclose(alpha ** 2 + sigma ** 2, 1.0, rtol=1e-6)
   n = B * 16
   mean, var = z.reshape(n, D).mean(0), z.reshape(n, D).var(0)
-  np.testing.assert_allclose(mean, alpha * x0[0, 0], atol=4 * sigma / math.sqrt(n))
+  np.testing.assert_allclose(mean, alpha * x0[0, 0],
+                             atol=4 * sigma / math.sqrt(n))
   np.testing.assert_allclose(var, sigma ** 2, rtol=0.15)
 
 
@@ -150,6 +151,18 @@ def test_bound_with_oracle_is_at_least_the_entropy(base_logits):
   assert mean >= nll - 3.5 * sem, (mean, nll, sem)
   assert mean <= nll + 3.5 * sem + 0.05, (mean, nll, sem)
   assert abs(nll - L * ENTROPY) < 0.2 * L
+
+
+def test_base_logits_give_the_bayes_posterior():
+  """Network log pi + the process's Gaussian logits = the brute-force
+  posterior log pi(w) - ||z - alpha e_w||^2 / (2 sigma^2): same bound."""
+  with_base = GaussianVLBProcess(vocab_size=V, latent_dim=D)
+  brute = dataclasses.replace(with_base, base_logits=False)
+  tokens, mask = _iid_tokens(jax.random.key(21)), jnp.ones((B, L))
+  k = jax.random.key(22)
+  np.testing.assert_allclose(
+      _nll(with_base, k, _oracle(with_base), tokens, mask).nats,
+      _nll(brute, k, _oracle(brute), tokens, mask).nats, rtol=1e-4, atol=1e-3)
 
 
 def test_learned_schedule_matches_fixed_line_and_is_invariant():

@@ -11,9 +11,11 @@ the vocabulary and x0-hat = softmax(logits) @ E (PLAID sec. 3.2). The bound,
 per sequence, in nats (VDM eq. 11, 17 and appendix):
 
   prior          KL(q(z_1 | x) || N(0, I))
-  diffusion      0.5 E_{t~U(0,1)} [ gamma'(t) exp(-gamma_t) ||x - x0hat(z_t)||^2 ]
+  diffusion      0.5 E_{t~U(0,1)} [gamma'(t) exp(-gamma_t) ||x - x0hat||^2]
                  (= -0.5 SNR'(t) ||x - x0hat||^2, eq. 17 in x-form; equal to
-                 vdm.py's 0.5 gamma'(t) ||eps - eps_hat||^2)
+                 vdm.py's 0.5 gamma'(t) ||eps - eps_hat||^2); one antithetic
+                 t per sequence, so single-sequence values are heavy-tailed
+                 (average many sequences or time samples)
   reconstruction -log p(w | z_0), z_0 ~ q(z_0 | x), with vdm.py's exact
                  Gaussian decoder p(w | z_0) = softmax_w(-||z_0 / alpha_0 -
                  e_w||^2 exp(-gamma_0) / 2).
@@ -33,11 +35,11 @@ Choices (documented here because they change numbers):
     reconstruction term ~0 and the prior costs ~0.004 nats per token.
   * Self-conditioning (PLAID, Chen et al. 2022): training draws one coin per
     batch; with probability `self_cond_rate` a stop-gradient first pass gives
-    the x0-hat fed to the second. The evaluated bound and the sampler always
-    use the two-pass prediction; either way x0-hat is a deterministic function
-    of z_t, so the bound stays a valid VLB. `reverse_step` uses the two-pass
-    prediction too; the shared sampling loop instead carries the previous
-    step's x0-hat as sampler state (PLAID's sample.py), one call per step.
+    the x0-hat fed to the second. `nll_bound` and `reverse_step` always use
+    the two-pass prediction; either way x0-hat is a deterministic function of
+    z_t, so the bound stays a valid VLB. The shared sampling loop instead
+    carries the previous step's x0-hat as sampler state (PLAID's sample.py),
+    one network call per step.
   * With `learned_schedule` gamma comes from `denoiser.gamma` (its slope by
     jax.jvp) and receives the plain ELBO gradient; VDM's variance-minimising
     schedule gradient is not implemented.
@@ -59,7 +61,7 @@ _EMBED_NORMS = ("unit", "none")
 
 
 def alpha_sigma(gamma: Array) -> tuple[Array, Array]:
-  """VP signal and noise scales: alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamma)."""
+  """VP scales: alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamma)."""
   return jnp.sqrt(jax.nn.sigmoid(-gamma)), jnp.sqrt(jax.nn.sigmoid(gamma))
 
 
@@ -124,7 +126,7 @@ class GaussianVLBProcess(Process):
 
   # ---- training --------------------------------------------------------------
   def sample_time(self, key: Array, batch: int) -> Array:
-    """Antithetic (low-discrepancy) times in (0, 1], marginally uniform (VDM)."""
+    """Antithetic (low-discrepancy) times in (0, 1], each uniform (VDM)."""
     u = jax.random.uniform(key, ())
     return 1.0 - jnp.mod(u + jnp.arange(batch) / batch, 1.0)
 
@@ -218,7 +220,8 @@ class GaussianVLBProcess(Process):
     z0_BxLxD = alpha_sigma(gamma0)[0] * (
         x_BxLxD + jnp.exp(0.5 * gamma0) * eps0_BxLxD)
     logits_BxLxV = self.decoder_logits(z0_BxLxD, e_VxD, gamma0)
-    target_BxL = jnp.take_along_axis(logits_BxLxV, tokens[..., None], -1)[..., 0]
+    target_BxL = jnp.take_along_axis(logits_BxLxV, tokens[..., None],
+                                     -1)[..., 0]
     rec_BxL = jax.nn.logsumexp(logits_BxLxV, -1) - target_BxL
     # Diffusion: VDM eq. 17 with x-prediction, one antithetic t per sequence.
     t_B = self.sample_time(t_key, batch)
