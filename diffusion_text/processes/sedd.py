@@ -139,7 +139,16 @@ def _expand(t: Array, ndim: int) -> Array:
 
 @dataclasses.dataclass(frozen=True)
 class _SEDD(base.Process):
-  """Shared noise, bound estimator and sampling loop plumbing."""
+  """Noise, bound estimator and sampler plumbing shared by both graphs.
+
+  Each graph defines: num_states K; rate_matrix() Q [K, K] (row x: rates
+  x -> y); transp_transition(x, beta) = P(x_t = x | x_s = y) over y with
+  beta = alpha_t / alpha_s (reference `transp_transition`); marginal_probs
+  (x0, t) = q(x_t | x0) [..., K] with t scalar or [B]; corrupt; prior;
+  log_score (post-processed network output); dwdse (sigma(t) times the score
+  entropy, per position); decoder_log_probs (log p_dec(x0 | x_t), Tweedie to
+  noise 0); prior_kl_per_token; reverse_probs (unnormalised p(x_s | x_t)).
+  """
 
   noise: str = "loglinear"        # 'loglinear' or 'geometric'
   sigma_min: float = 1e-4         # geometric: sigma_bar(0)
@@ -149,6 +158,7 @@ class _SEDD(base.Process):
   num_steps: int = 128            # default number of sampler steps
   t_min: float = 1e-3             # bound integral and sampler stop at t_min
   recon_prob: float = 1.0 / 32    # share of sequences scoring the decoder
+  antithetic: bool = True         # stratified times over the batch (MD4)
 
   def __post_init__(self):
     if self.noise not in _NOISES:
@@ -182,10 +192,6 @@ class _SEDD(base.Process):
     return self.schedule.alpha(t)
 
   @property
-  def num_states(self) -> int:
-    raise NotImplementedError
-
-  @property
   def model_spec(self) -> base.ModelSpec:
     return base.ModelSpec(input="tokens", output="logits",
                           output_dim=self.num_states,
@@ -200,18 +206,6 @@ class _SEDD(base.Process):
     """Column x of Q: rates y -> x [..., K] (reference `transp_rate`)."""
     return self.rate_matrix().T[x]
 
-  def rate_matrix(self) -> Array:
-    raise NotImplementedError
-
-  def transp_transition(self, x: Array, beta) -> Array:
-    """P(x_t = x | x_s = y) over y [..., K], with beta = alpha_t / alpha_s
-    (reference `transp_transition` at sigma = -log beta)."""
-    raise NotImplementedError
-
-  def marginal_probs(self, x0: Array, t) -> Array:
-    """q(x_t | x_0) [..., K] = exp(sigma_bar(t) Q)[x0]; t scalar or x0.shape[:1]."""
-    raise NotImplementedError
-
   def posterior_probs(self, x_t: Array, x0: Array, s, t) -> Array:
     """q(x_s | x_t, x_0) [..., K] for s < t, by Bayes' rule."""
     a_s = _expand(self.alpha(s), x0.ndim + 1)
@@ -222,7 +216,11 @@ class _SEDD(base.Process):
   # ---- training ------------------------------------------------------------
   def _times(self, key: Array, batch: int) -> tuple[Array, Array]:
     """t [B] and whether each sequence scores the decoder at t_min."""
-    u_B = jax.random.uniform(key, (batch,))
+    if self.antithetic:  # each u_i is still U(0, 1): unbiased per sequence
+      offset = jax.random.uniform(key, ())
+      u_B = jnp.mod(offset + jnp.arange(batch) / batch, 1.0)
+    else:
+      u_B = jax.random.uniform(key, (batch,))
     recon_B = u_B < self.recon_prob
     v_B = (u_B - self.recon_prob) / (1.0 - self.recon_prob)
     t_B = jnp.where(recon_B, self.t_min, self.t_min + (1.0 - self.t_min) * v_B)
@@ -273,22 +271,6 @@ class _SEDD(base.Process):
   def decode(self, denoiser: base.Denoiser, x0: Array) -> Array:
     del denoiser
     return x0
-
-  # ---- per-graph pieces ------------------------------------------------------
-  def log_score(self, denoiser, x_t, t_B) -> Array:
-    raise NotImplementedError
-
-  def dwdse(self, score, x_t, x0, t_B) -> Array:
-    raise NotImplementedError
-
-  def decoder_log_probs(self, score, x_t, x0, t_B) -> Array:
-    raise NotImplementedError
-
-  def prior_kl_per_token(self) -> float:
-    raise NotImplementedError
-
-  def reverse_probs(self, denoiser, x_t, t, s) -> Array:
-    raise NotImplementedError
 
 
 @dataclasses.dataclass(frozen=True)
