@@ -307,3 +307,19 @@ def test_options_are_validated():
   assert spec.input_vocab == spec.output_dim == V + 1
   assert _process("sedd_uniform").model_spec.output_dim == V
   hash(_process("sedd_absorb"))
+
+
+def test_absorb_with_eps_zero_is_finite_at_t_one():
+  """eps = 0: sigma_bar(1) = inf and p_base is exactly all-[MASK]; the
+  integrand at t = 1 is finite: sigma * ratio = 1/t times the cross-entropy
+  (log V for a uniform prediction)."""
+  p = _process("sedd_absorb", eps=0.0)
+  zeros = Denoiser(predict=lambda x, t: jnp.zeros(x.shape + (V + 1,)))
+  x_t = jnp.full((2, 4), V, jnp.int32)
+  x0 = jnp.zeros((2, 4), jnp.int32)
+  one = jnp.ones((2,))
+  np.testing.assert_allclose(p.dwdse(p.log_score(zeros, x_t, one), x_t, x0, one),
+                             math.log(V), rtol=1e-5)
+  probs = p.reverse_probs(zeros, x_t, 1.0, 0.9)
+  assert bool(jnp.all(jnp.isfinite(probs)))
+  np.testing.assert_allclose(probs[..., :V], 0.1 / V, rtol=1e-5)  # (a_s - a_t)/(1 - a_t) / V

@@ -27,7 +27,8 @@ The integral must start at t_min > 0: with t ~ U(0, 1] the integrand's second
 moment diverges like int dt/t. One network call per sequence estimates all
 terms without bias: with probability `recon_prob` a sequence evaluates the
 reconstruction term at t_min (weight 1/recon_prob), otherwise the DWDSE
-integrand at t ~ U(t_min, 1) (weight (1 - t_min)/(1 - recon_prob)). The
+integrand at t ~ U(t_min, 1) (weight (1 - t_min)/(1 - recon_prob)); the
+uniforms are stratified over the batch (`antithetic`), each still U(0, 1). The
 prior is exact: p_base masks a token with probability 1 - alpha(1) and
 otherwise draws it uniformly (absorbing; exactly all-[MASK] when eps = 0), or
 is uniform (uniform graph); `prior()` samples this same p_base.
