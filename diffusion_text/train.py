@@ -26,7 +26,7 @@ from diffusion_text import sharding, step as step_lib
 from diffusion_text.checkpoint import Checkpointer
 from diffusion_text.data import pipeline, tokenizers
 from diffusion_text.models import build_model, count_params
-from diffusion_text.processes import Process, make_process
+from diffusion_text.processes import Process, make_process, option_names
 
 # Sections that define what a checkpoint is; the rest (steps, logging, eval,
 # sampling, data locations) may change between runs on the same workdir.
@@ -64,8 +64,11 @@ def run_fingerprint(cfg: config_lib.Config, tokenizer) -> str:
 
 
 def build_process(cfg: config_lib.Config, vocab_size: int) -> Process:
-  return make_process(cfg.process.name, vocab_size=vocab_size,
-                      **dict(cfg.process.options))
+  options = dict(cfg.process.options)
+  # Processes with latent token embeddings take their width from the model.
+  if "latent_dim" in option_names(cfg.process.name):
+    options.setdefault("latent_dim", cfg.model.latent_dim)
+  return make_process(cfg.process.name, vocab_size=vocab_size, **options)
 
 
 def setup(cfg: config_lib.Config, workdir: Optional[pathlib.Path] = None,
