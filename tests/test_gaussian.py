@@ -4,6 +4,7 @@ The denoisers here are hand-made jnp closures: the exact eps of a Gaussian
 target, the exact eps of a two-token mixture, and a tiny per-position MLP.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -17,8 +18,10 @@ from diffusion_text.processes.base import Denoiser
 
 
 def _process(**options):
+  """A tiny process; base_eps off unless asked, as the hand-made denoisers
+  below return the whole eps, not a residual."""
   return make_process("gaussian", **{"vocab_size": 2, "latent_dim": 4,
-                                     **options})
+                                     "base_eps": False, **options})
 
 
 def _gaussian_target_denoiser(process, mu, sd):
@@ -70,6 +73,12 @@ def test_model_spec_and_options():
     make_process("gaussian", vocab_size=7, sampler="euler")
   with pytest.raises(ValueError, match="schedule"):
     make_process("gaussian", vocab_size=7, schedule="nope")
+  with pytest.raises(ValueError, match="step_proposal"):
+    make_process("gaussian", vocab_size=7, step_proposal="nope")
+  with pytest.raises(ValueError, match="proposal_floor"):
+    make_process("gaussian", vocab_size=7, proposal_floor=0.0)
+  with pytest.raises(ValueError, match="train_steps"):
+    make_process("gaussian", vocab_size=7, train_steps="nope")
 
 
 @pytest.mark.parametrize("schedule", ["cosine_vp", "linear_beta"])
@@ -179,8 +188,8 @@ def test_bound_respects_mask_and_loss_estimates_it():
     np.testing.assert_allclose(a.terms[name], b.terms[name], rtol=1e-6)
   empty = bound(tokens, jnp.zeros_like(mask))
   assert float(jnp.abs(empty.nats).max()) == 0.0
-  # The loss's diffusion term (T KL_i [i >= 2], i on {1..T}) is another
-  # unbiased estimate of the same sum.
+  # The loss's diffusion term (T KL_i [i >= 2] with i uniform on {1..T}, or
+  # KL_i / p(i) from the proposal) is another unbiased estimate of the sum.
   keys = jax.random.split(jax.random.key(7), 32)
   bound_terms = jax.jit(jax.vmap(
       lambda k: p.nll_bound(k, den, tokens, mask).terms))(keys)
@@ -191,6 +200,157 @@ def test_bound_respects_mask_and_loss_estimates_it():
   x, y = (np.asarray(tm["diffusion"]).ravel() for tm in (bound_terms, loss_terms))
   sem = math.sqrt(x.var() / x.size + y.var() / y.size)
   assert abs(x.mean() - y.mean()) < 4 * sem
+
+
+def test_base_eps_is_the_bayes_eps_and_exact_when_separated():
+  """With a zero network, base_eps gives the exact E[eps | x_t] of uniform
+  tokens on the table; for well-separated tokens near t = 0 that is the
+  drawn eps itself, so x0_hat is the clean embedding and the KL is ~0."""
+  T = 1000
+  p = _process(num_steps=T, base_eps=True)
+  zero = Denoiser(predict=lambda x, t: jnp.zeros_like(x),
+                  embed=lambda ids: TABLE[ids])
+  exact = _two_token_denoiser(_process(num_steps=T), TABLE)
+  x_t = 2.0 * jax.random.normal(jax.random.key(20), (4, 5, 4))
+  for t in (0.2, 0.5, 0.9):
+    x0_b, eps_b = p.predict_x0(zero, x_t, t)
+    np.testing.assert_allclose(eps_b, exact.predict(x_t, jnp.full((4,), t)),
+                               rtol=1e-3, atol=1e-4)
+    ab = float(p.alpha_bar(t))
+    np.testing.assert_allclose(
+        x_t, math.sqrt(ab) * x0_b + math.sqrt(1 - ab) * eps_b, atol=1e-4)
+  # A network output is a residual on top of the base eps.
+  shift = Denoiser(predict=lambda x, t: jnp.full_like(x, 0.25),
+                   embed=lambda ids: TABLE[ids])
+  x0_s, eps_s = p.predict_x0(shift, x_t, 0.5)
+  x0_b, eps_b = p.predict_x0(zero, x_t, 0.5)
+  np.testing.assert_allclose(eps_s, eps_b + 0.25, rtol=1e-5, atol=1e-5)
+  ab = float(p.alpha_bar(0.5))
+  np.testing.assert_allclose(
+      x_t, math.sqrt(ab) * x0_s + math.sqrt(1 - ab) * eps_s, atol=1e-4)
+  # Near t = 0 (1 - ab_1 ~ 4e-5) every position is resolved exactly.
+  tokens = jax.random.randint(jax.random.key(21), (4, 5), 0, 2)
+  x0 = TABLE[tokens]
+  for step in (1, 2, 50):
+    t_B = jnp.full((4,), step / T)
+    x_t, eps = p._noised(jax.random.key(step), x0, t_B)
+    x0_hat, eps_hat = p.predict_x0(zero, x_t, t_B)
+    assert bool(jnp.all(jnp.isfinite(eps_hat)))
+    np.testing.assert_allclose(x0_hat, x0, atol=1e-5)
+    np.testing.assert_allclose(eps_hat, eps, atol=2e-3)
+    if step >= 2:
+      kl = p.diffusion_kl(zero, x0, x_t, t_B - 1.0 / T, t_B)
+      assert float(kl.max()) < 1e-4
+
+
+_V3_TABLE = jnp.array([[-1.0, 0.0, 0.0, 0.5], [1.0, 0.5, 0.0, 0.0],
+                       [0.0, 1.0, -1.0, 0.0]])
+
+
+def test_step_proposal_law_and_sampler():
+  T = 20
+  p = make_process("gaussian", vocab_size=3, latent_dim=4, num_steps=T)
+  def den(scale):
+    return Denoiser(predict=None, embed=lambda ids: scale * _V3_TABLE[ids])
+  probs = np.asarray(p.step_probs(den(1.0)), np.float64)
+  assert probs.shape == (T - 1,) and abs(probs.sum() - 1) < 1e-5
+  assert probs.min() >= 0.999 * p.proposal_floor / (T - 1)
+  # Larger embeddings are resolved at lower SNR: the mass moves to later t.
+  steps = np.arange(2, T + 1)
+  mean_step = [float(np.asarray(p.step_probs(den(s))) @ steps)
+               for s in (0.3, 1.0, 3.0)]
+  assert mean_step[0] < mean_step[1] < mean_step[2]
+  np.testing.assert_allclose(
+      make_process("gaussian", vocab_size=3, num_steps=T,
+                   step_proposal="uniform").step_probs(den(1.0)),
+      1.0 / (T - 1), rtol=1e-6)
+  # sample_step draws from step_probs and returns 1 / p(i).
+  n = 40000
+  step_B, inv_p_B = jax.jit(lambda k: p.sample_step(k, n, den(1.0)))(
+      jax.random.key(22))
+  step_B, inv_p_B = np.asarray(step_B), np.asarray(inv_p_B)
+  assert step_B.min() >= 2 and step_B.max() <= T
+  np.testing.assert_allclose(inv_p_B, 1.0 / probs[step_B - 2], rtol=1e-5)
+  freq = np.bincount(step_B - 2, minlength=T - 1) / n
+  np.testing.assert_array_less(np.abs(freq - probs),
+                               5 * np.sqrt(probs * (1 - probs) / n) + 1e-4)
+
+
+def test_importance_sampled_bound_is_unbiased():
+  """Every estimator of sum_{i=2..T} KL_i (nll_bound with either proposal,
+  the loss with either training draw) against the brute-force sum over all
+  steps, on T = 20 with a fixed, imperfect residual network."""
+  T, B, L = 20, 8, 4
+  p = make_process("gaussian", vocab_size=3, latent_dim=4, num_steps=T)
+  den = Denoiser(
+      predict=lambda x, t: 0.3 * jnp.tanh(x) + 0.2 * t[:, None, None],
+      embed=lambda ids: _V3_TABLE[ids],
+      round_logits=lambda x: x @ _V3_TABLE.T)
+  tokens = jax.random.randint(jax.random.key(23), (B, L), 0, 3)
+  mask = jnp.ones((B, L)).at[:2, 3:].set(0)
+  x0 = _V3_TABLE[tokens]
+
+  @jax.jit
+  def brute(key):  # sum over every step at one noise draw per step
+    def one(k, i):
+      t_B = jnp.full((B,), i / T)
+      kl = p.diffusion_kl(den, x0, p.corrupt(k, x0, t_B), t_B - 1.0 / T, t_B)
+      return jnp.sum(kl * mask)
+    return jax.vmap(one)(jax.random.split(key, T - 1),
+                         jnp.arange(2, T + 1)).sum()
+  exact = np.asarray(jax.vmap(brute)(jax.random.split(jax.random.key(24),
+                                                      400)))
+  uniform_bound = dataclasses.replace(p, step_proposal="uniform")
+  uniform_loss = dataclasses.replace(p, train_steps="uniform")
+
+  def naive(key):  # (T - 1) KL_i with i from the proposal: biased
+    step_key, noise_key = jax.random.split(key)
+    step_B, _ = p.sample_step(step_key, B, den)
+    t_B = step_B / T
+    kl = p.diffusion_kl(den, x0, p.corrupt(noise_key, x0, t_B),
+                        t_B - 1.0 / T, t_B)
+    return (T - 1) * jnp.sum(kl * mask)
+
+  names = ("bound/table", "bound/uniform", "loss/proposal", "loss/uniform",
+           "naive")
+  @jax.jit
+  @jax.vmap
+  def all_estimates(key):
+    k = jax.random.split(key, 5)
+    return jnp.stack([
+        p.nll_bound(k[0], den, tokens, mask).terms["diffusion"].sum(),
+        uniform_bound.nll_bound(k[1], den, tokens, mask
+                                ).terms["diffusion"].sum(),
+        p.loss(k[2], den, tokens, mask).terms["diffusion"].sum(),
+        uniform_loss.loss(k[3], den, tokens, mask).terms["diffusion"].sum(),
+        naive(k[4])])
+  values = np.asarray(all_estimates(jax.random.split(jax.random.key(25),
+                                                     4000)))
+  # The naive estimator shows the test has the power to see a missing 1/p(i).
+  for name, est in zip(names, values.T):
+    se = math.sqrt(est.var() / est.size + exact.var() / exact.size)
+    gap = abs(est.mean() - exact.mean())
+    if name == "naive":
+      assert gap > 6 * se, (name, est.mean(), exact.mean(), se)
+    else:
+      assert gap < 4 * se, (name, est.mean(), exact.mean(), se)
+
+
+def test_vlb_weight_adds_the_diffusion_estimate():
+  p = make_process("gaussian", vocab_size=3, latent_dim=4, num_steps=20)
+  den = Denoiser(predict=lambda x, t: 0.3 * jnp.tanh(x),
+                 embed=lambda ids: _V3_TABLE[ids],
+                 round_logits=lambda x: x @ _V3_TABLE.T)
+  tokens = jax.random.randint(jax.random.key(26), (4, 6), 0, 3)
+  mask = jnp.ones((4, 6))
+  hybrid = dataclasses.replace(p, vlb_weight=0.5)
+  plain_out, hybrid_out = jax.jit(lambda k: (
+      p.loss(k, den, tokens, mask), hybrid.loss(k, den, tokens, mask)))(
+          jax.random.key(27))
+  assert float(plain_out.metrics["diffusion"]) > 0
+  np.testing.assert_allclose(
+      hybrid_out.loss,
+      plain_out.loss + 0.5 * plain_out.metrics["diffusion"], rtol=1e-5)
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
@@ -253,7 +413,8 @@ def test_short_training_run_lowers_the_bound():
   """A per-position MLP with a learned table (tokens are i.i.d.): the bound
   falls and the embeddings do not collapse."""
   V, D, L, H = 6, 8, 8, 64
-  p = make_process("gaussian", vocab_size=V, latent_dim=D)
+  # Without the base eps: with it the untrained bound is already near log V.
+  p = make_process("gaussian", vocab_size=V, latent_dim=D, base_eps=False)
   log_probs = jnp.log(jnp.array([0.4, 0.2, 0.15, 0.1, 0.1, 0.05]))
   keys = jax.random.split(jax.random.key(15), 4)
   params = {"E": jax.random.normal(keys[0], (V, D)),
