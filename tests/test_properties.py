@@ -36,7 +36,7 @@ BUDGET = {
     "sedd_absorb": (1000, 0.25),
     "sedd_uniform": (1000, 0.35),
     "gaussian_vlb": (1000, 0.6),
-    "gaussian": (1500, 15.0),
+    "gaussian": (1500, 0.6),
 }
 EVAL_BLOCKS = 256
 MC_SAMPLES = 4
