@@ -86,7 +86,8 @@ def main(argv=None) -> int:
   for name, ts in texts.items():
     print(f"samples from {name}:")
     for t in ts:
-      print(f"  {t}")
+      # One line per sample; end-of-sentence (EOS) shown as ' / '.
+      print("  " + " / ".join(line.strip() for line in t.splitlines()))
   elapsed = time.time() - t_start
   say(f"done in {elapsed / 60:.1f} min; wrote {out}/results.json, results.md, "
       "results.tex, curves.png")

@@ -4,7 +4,7 @@ from diffusion_text.config import (Config, DataConfig, EvalConfig, ModelConfig,
                                    ProcessConfig, SampleConfig, TrainConfig)
 
 
-def ptb_word(process: str, steps: int = 600, **options) -> Config:
+def ptb_word(process: str, steps: int = 250, **options) -> Config:
   """PTB with its own 10k word vocabulary, a small shared backbone.
 
   Every PTB preset uses this backbone and token budget, so rows of a
