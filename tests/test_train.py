@@ -43,6 +43,22 @@ def test_cli_train_eval_sample_pulse(tmp_path, capsys):
   printed = capsys.readouterr().out
   assert printed.count("--- sample") == 2
 
+  # Prefix prompt and infill through the CLI keep the fixed tokens.
+  assert cli.main(["sample", "--workdir", str(wd), "--num", "2", "--steps",
+                   "8", "--prompt", "1 2 3"]) == 0
+  rows = [l for l in capsys.readouterr().out.splitlines() if not l.startswith(("---", "["))]
+  assert len(rows) == 2 and all(r.split()[:3] == ["1", "2", "3"] for r in rows)
+  assert all(len(r.split()) == 16 for r in rows)
+  assert cli.main(["sample", "--workdir", str(wd), "--num", "2", "--steps",
+                   "8", "--infill", "4 ___ 5 6"]) == 0
+  rows = [l for l in capsys.readouterr().out.splitlines() if not l.startswith(("---", "["))]
+  assert all(r.split()[0] == "4" and r.split()[-2:] == ["5", "6"] for r in rows)
+
+  # A prompt longer than the sample fails with the fix, not a traceback.
+  assert cli.main(["sample", "--workdir", str(wd), "--length", "4",
+                   "--prompt", "1 2 3 4 5 6"]) == 2
+  assert "shorten it or raise" in capsys.readouterr().err
+
 
 def test_wrong_set_key_fails_clearly(tmp_path, capsys):
   code = cli.main(["train", "--config", "synthetic_ar", "--workdir",
