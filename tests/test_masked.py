@@ -182,3 +182,31 @@ def test_fine_gumbel_exceeds_the_float32_cap():
   g = np.asarray(fine_gumbel(u[0], u[1]))
   for q in (-1.0, 0.0, 1.0, 3.0):
     assert abs((g <= q).mean() - math.exp(-math.exp(-q))) < 0.015
+
+
+def test_fused_head_gives_the_same_bound_and_gradient():
+  """The backbone's fused `target_nll` (head and softmax at masked positions
+  only) gives the bound and gradients of the dense logits path."""
+  from flax import nnx
+  from diffusion_text.config import ModelConfig
+  from diffusion_text.models import as_denoiser, build_model
+  p = MaskedProcess(vocab_size=V)
+  cfg = ModelConfig(num_layers=1, d_model=16, num_heads=2, mlp_ratio=2,
+                    cond_dim=8)
+  graphdef, params = nnx.split(build_model(p.model_spec, cfg, seed=0))
+  params = jax.tree.map(lambda x: x + 0.3 * jnp.cos(jnp.arange(x.size).reshape(
+      x.shape)), params)  # make the zero-initialised head and gates act
+  tokens, mask = iid_tokens()[:8], jnp.ones((8, L)).at[2, 5:].set(0)
+
+  def bound(params, fused):
+    model = nnx.merge(graphdef, params)
+    den = (as_denoiser(model) if fused else
+           Denoiser(predict=lambda x, t: model(x, t)))
+    return jnp.sum(p.nll_bound(jax.random.key(2), den, tokens, mask).nats)
+
+  (v0, g0), (v1, g1) = (jax.jit(jax.value_and_grad(bound), static_argnums=1)(
+      params, f) for f in (False, True))
+  assert hasattr(as_denoiser(nnx.merge(graphdef, params)).predict, "target_nll")
+  np.testing.assert_allclose(v1, v0, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-5), g0, g1)

@@ -28,6 +28,7 @@ from flax import nnx
 
 from diffusion_text.config import ModelConfig
 from diffusion_text.models.conditioning import MonotoneGamma, TimeEmbedding
+from diffusion_text.models.cross_entropy import selected_cross_entropy
 from diffusion_text.models.layers import (MLP, Attention, dense_init,
                                           layer_norm, modulate)
 from diffusion_text.processes.base import ModelSpec
@@ -110,6 +111,29 @@ class Transformer(nnx.Module):
   def __call__(self, x: Array, t_B: Array,
                self_cond: Optional[Array] = None) -> Array:
     """x: int32 [B, L] ids or float [B, L, latent_dim]; t: [B] -> float32."""
+    return self.head(self._features(x, t_B, self_cond)).astype(jnp.float32)
+
+  def target_nll(self, x: Array, t_B: Array, target_BxL: Array,
+                 where_BxL: Array) -> Array:
+    """-log softmax(logits)[target] [B, L] where `where`, 0 elsewhere.
+
+    Equals `logsumexp(self(x, t)) - self(x, t)[target]` at the selected
+    positions, but runs the head and its softmax only there, fused (see
+    `models.cross_entropy`). Processes find it as `Denoiser.predict.target_nll`.
+    """
+    if self.spec.output != "logits":
+      raise ValueError("target_nll needs a logits head")
+    h_BxLxD = self._features(x, t_B)
+    b, length, d = h_BxLxD.shape
+    ce_N = selected_cross_entropy(
+        h_BxLxD.reshape(b * length, d), self.head.kernel[...],
+        self.head.bias[...], target_BxL.reshape(-1), where_BxL.reshape(-1),
+        dtype=self.dtype)
+    return ce_N.reshape(b, length)
+
+  def _features(self, x: Array, t_B: Array,
+                self_cond: Optional[Array] = None) -> Array:
+    """The head's input: final adaLN-modulated features [B, L, D]."""
     if self.spec.input == "tokens":
       h_BxLxD = self.stem(x)
     else:
@@ -128,8 +152,7 @@ class Transformer(nnx.Module):
 
     shift_BxD, scale_BxD = jnp.split(
         self.final_ada(jax.nn.silu(c_BxC)).astype(self.dtype), 2, axis=-1)
-    h_BxLxD = modulate(layer_norm(h_BxLxD), shift_BxD, scale_BxD)
-    return self.head(h_BxLxD).astype(jnp.float32)
+    return modulate(layer_norm(h_BxLxD), shift_BxD, scale_BxD)
 
   def _blocks(self, h_BxLxD: Array, c_BxC: Array) -> Array:
     def apply(block, h, c):

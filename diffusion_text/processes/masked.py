@@ -151,15 +151,10 @@ class MaskedProcess(base.Process):
     x0_BxL = jnp.clip(tokens, 0, self.vocab_size - 1).astype(jnp.int32)
     t_B = self.sample_time(time_key, x0_BxL.shape[0])
     x_t = self.corrupt(noise_key, x0_BxL, t_B)
-    logits_BxLxV = denoiser.predict(x_t, t_B).astype(jnp.float32)
-    # -log softmax at the target only: logsumexp minus the target logit (no
-    # [B, L, V] log-probabilities). It runs at every position because
-    # gathering just the masked ones would need a dynamic shape; the where in
-    # masked_sum drops the rest.
-    target_BxL = jnp.take_along_axis(logits_BxLxV, x0_BxL[..., None], -1)[..., 0]
-    ce_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1) - target_BxL
     real_BxL = mask.astype(bool)
-    masked_ce_B = base.masked_sum(ce_BxL, real_BxL & (x_t == self.mask_id))
+    masked_BxL = real_BxL & (x_t == self.mask_id)
+    ce_BxL = target_nll(denoiser, x_t, t_B, x0_BxL, masked_BxL)
+    masked_ce_B = base.masked_sum(ce_BxL, masked_BxL)
     n_B = jnp.sum(real_BxL, axis=-1).astype(jnp.float32)
     log_v = math.log(self.vocab_size)
     one = jnp.ones((), jnp.float32)
@@ -260,6 +255,24 @@ class MaskedProcess(base.Process):
       return jnp.where(x == self.mask_id, x0_BxL, x).astype(jnp.int32)
     x0 = x0.astype(jnp.int32)
     return jax.lax.cond(jnp.any(x0 == self.mask_id), fill, lambda x: x, x0)
+
+
+def target_nll(denoiser: base.Denoiser, x_t: Array, t_B: Array,
+               target_BxL: Array, where_BxL: Array) -> Array:
+  """-log p(target | x_t) [B, L] per position, needed only where `where`.
+
+  A backbone whose `predict` carries a `target_nll(x_t, t, target, where)`
+  method (the project's Transformer) evaluates its head and softmax only at
+  the selected positions, fused (DESIGN.md section 8); any other denoiser
+  falls back to logsumexp minus the target logit over all positions (no
+  [B, L, V] log-probabilities either way). Values off `where` are arbitrary.
+  """
+  fused = getattr(denoiser.predict, "target_nll", None)
+  if fused is not None:
+    return fused(x_t, t_B, target_BxL, where_BxL)
+  logits_BxLxV = denoiser.predict(x_t, t_B).astype(jnp.float32)
+  tgt_BxL = jnp.take_along_axis(logits_BxLxV, target_BxL[..., None], -1)[..., 0]
+  return jax.nn.logsumexp(logits_BxLxV, axis=-1) - tgt_BxL
 
 
 def _nucleus(probs_BxLxV: Array, top_p: float) -> Array:
