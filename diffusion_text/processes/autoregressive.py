@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from diffusion_text.processes.base import (Bound, Denoiser, LossOutput,
                                            ModelSpec, Process, make_bound,
                                            masked_sum, per_token)
+from diffusion_text.processes.masked import target_nll
 
 Array = jax.Array
 
@@ -82,8 +83,14 @@ class Autoregressive(Process):
                 mask: Array) -> Bound:
     """The exact per-sequence NLL (nats), over the real positions."""
     del key
-    return make_bound({"nll": masked_sum(self.token_nll(denoiser, tokens),
-                                         mask)})
+    # Same as token_nll, with the head fused with its softmax where the
+    # backbone offers it (masked.target_nll; DESIGN.md section 8).
+    real_BxL = mask.astype(bool)
+    nll_BxL = target_nll(
+        denoiser, self.corrupt(None, tokens, None),
+        jnp.zeros((tokens.shape[0],), jnp.float32),
+        tokens.astype(jnp.int32), real_BxL)
+    return make_bound({"nll": masked_sum(nll_BxL, real_BxL)})
 
   def loss(self, key: Array, denoiser: Denoiser, tokens: Array,
            mask: Array) -> LossOutput:
