@@ -206,7 +206,7 @@ def test_fused_head_gives_the_same_bound_and_gradient():
 
   (v0, g0), (v1, g1) = (jax.jit(jax.value_and_grad(bound), static_argnums=1)(
       params, f) for f in (False, True))
-  assert hasattr(as_denoiser(nnx.merge(graphdef, params)).predict, "target_nll")
+  assert as_denoiser(nnx.merge(graphdef, params)).target_nll is not None
   np.testing.assert_allclose(v1, v0, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                        atol=1e-5), g0, g1)

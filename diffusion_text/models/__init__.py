@@ -28,13 +28,15 @@ def build_model(spec: ModelSpec, cfg: ModelConfig, seed: int) -> Transformer:
 def as_denoiser(model: Transformer, fused_loss: bool = True) -> Denoiser:
   """Bind the model's callables; extras it does not carry are None.
 
-  `predict` is the model itself, whose `target_nll` method lets a process
-  run the head only where its loss needs it; `fused_loss=False` binds the
-  plain call instead (the dense head everywhere; for comparisons).
+  With a logits head, `target_nll` is the model's fused head + cross-entropy
+  at selected positions only; `fused_loss=False` leaves it out, so processes
+  use the dense head everywhere (for comparisons).
   """
   spec = model.spec
   return Denoiser(
-      predict=model if fused_loss else model.__call__,
+      predict=model,
+      target_nll=(model.target_nll
+                  if fused_loss and spec.output == "logits" else None),
       embed=model.embed if spec.embed_vocab else None,
       round_logits=model.round_logits if spec.embed_vocab else None,
       gamma=model.gamma if spec.learned_schedule else None)

@@ -119,7 +119,7 @@ class Transformer(nnx.Module):
 
     Equals `logsumexp(self(x, t)) - self(x, t)[target]` at the selected
     positions, but runs the head and its softmax only there, fused (see
-    `models.cross_entropy`). Processes find it as `Denoiser.predict.target_nll`.
+    `models.cross_entropy`). Processes reach it as `Denoiser.target_nll`.
     """
     if self.spec.output != "logits":
       raise ValueError("target_nll needs a logits head")

@@ -23,10 +23,10 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from diffusion_text.processes import base
 from diffusion_text.processes.base import (Bound, Denoiser, LossOutput,
                                            ModelSpec, Process, make_bound,
                                            masked_sum, per_token)
-from diffusion_text.processes.masked import target_nll
 
 Array = jax.Array
 
@@ -84,9 +84,9 @@ class Autoregressive(Process):
     """The exact per-sequence NLL (nats), over the real positions."""
     del key
     # Same as token_nll, with the head fused with its softmax where the
-    # backbone offers it (masked.target_nll; DESIGN.md section 8).
+    # backbone offers it (base.target_nll; DESIGN.md section 8).
     real_BxL = mask.astype(bool)
-    nll_BxL = target_nll(
+    nll_BxL = base.target_nll(
         denoiser, self.corrupt(None, tokens, None),
         jnp.zeros((tokens.shape[0],), jnp.float32),
         tokens.astype(jnp.int32), real_BxL)

@@ -35,12 +35,16 @@ class Denoiser:
   round_logits(x [B, L, D]) -> [B, L, V]: logits of p(w | x) (Gaussian only).
   gamma(t [B]) -> [B]: a learned noise schedule gamma(t) = -log SNR(t),
       monotone increasing in t (only with `ModelSpec.learned_schedule`).
+  target_nll(x_t, t [B], target [B, L], where [B, L]) -> [B, L]: optional
+      fused -log softmax(predict(x_t, t))[target] evaluated only where
+      `where` holds (values elsewhere arbitrary); see `target_nll` below.
   """
 
   predict: Callable[..., Array]
   embed: Optional[Callable[[Array], Array]] = None
   round_logits: Optional[Callable[[Array], Array]] = None
   gamma: Optional[Callable[[Array], Array]] = None
+  target_nll: Optional[Callable[..., Array]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +105,23 @@ def make_bound(terms: dict[str, Array]) -> Bound:
 def masked_sum(x_BxL: Array, mask_BxL: Array) -> Array:
   """Sum over the sequence axis of the real positions -> [B]."""
   return jnp.sum(jnp.where(mask_BxL.astype(bool), x_BxL, 0.0), axis=-1)
+
+
+def target_nll(denoiser: Denoiser, x_t: Array, t_B: Array,
+               target_BxL: Array, where_BxL: Array) -> Array:
+  """-log p(target | x_t) [B, L] per position, needed only where `where`.
+
+  A backbone that offers `Denoiser.target_nll` evaluates its head and
+  softmax only at the selected positions, fused (DESIGN.md section 8); any
+  other denoiser falls back to logsumexp minus the target logit over all
+  positions (no [B, L, V] log-probabilities either way). Values off `where`
+  are arbitrary.
+  """
+  if denoiser.target_nll is not None:
+    return denoiser.target_nll(x_t, t_B, target_BxL, where_BxL)
+  logits_BxLxV = denoiser.predict(x_t, t_B).astype(jnp.float32)
+  tgt_BxL = jnp.take_along_axis(logits_BxLxV, target_BxL[..., None], -1)[..., 0]
+  return jax.nn.logsumexp(logits_BxLxV, axis=-1) - tgt_BxL
 
 
 def per_token(nats_B: Array, mask_BxL: Array) -> Array:

@@ -153,7 +153,7 @@ class MaskedProcess(base.Process):
     x_t = self.corrupt(noise_key, x0_BxL, t_B)
     real_BxL = mask.astype(bool)
     masked_BxL = real_BxL & (x_t == self.mask_id)
-    ce_BxL = target_nll(denoiser, x_t, t_B, x0_BxL, masked_BxL)
+    ce_BxL = base.target_nll(denoiser, x_t, t_B, x0_BxL, masked_BxL)
     masked_ce_B = base.masked_sum(ce_BxL, masked_BxL)
     n_B = jnp.sum(real_BxL, axis=-1).astype(jnp.float32)
     log_v = math.log(self.vocab_size)
@@ -255,24 +255,6 @@ class MaskedProcess(base.Process):
       return jnp.where(x == self.mask_id, x0_BxL, x).astype(jnp.int32)
     x0 = x0.astype(jnp.int32)
     return jax.lax.cond(jnp.any(x0 == self.mask_id), fill, lambda x: x, x0)
-
-
-def target_nll(denoiser: base.Denoiser, x_t: Array, t_B: Array,
-               target_BxL: Array, where_BxL: Array) -> Array:
-  """-log p(target | x_t) [B, L] per position, needed only where `where`.
-
-  A backbone whose `predict` carries a `target_nll(x_t, t, target, where)`
-  method (the project's Transformer) evaluates its head and softmax only at
-  the selected positions, fused (DESIGN.md section 8); any other denoiser
-  falls back to logsumexp minus the target logit over all positions (no
-  [B, L, V] log-probabilities either way). Values off `where` are arbitrary.
-  """
-  fused = getattr(denoiser.predict, "target_nll", None)
-  if fused is not None:
-    return fused(x_t, t_B, target_BxL, where_BxL)
-  logits_BxLxV = denoiser.predict(x_t, t_B).astype(jnp.float32)
-  tgt_BxL = jnp.take_along_axis(logits_BxLxV, target_BxL[..., None], -1)[..., 0]
-  return jax.nn.logsumexp(logits_BxLxV, axis=-1) - tgt_BxL
 
 
 def _nucleus(probs_BxLxV: Array, top_p: float) -> Array:
