@@ -182,3 +182,38 @@ def test_loop_runs_every_step_and_imposes_after_each():
   out = sampling.sample(jax.random.key(0), process, den, 3, 6, steps=3,
                         cond_tokens=cond, cond_mask=keep)
   np.testing.assert_array_equal(out, np.broadcast_to([7, 3, 3, 3, 3, 9], (3, 6)))
+
+
+def test_time_unconditioned_network_makes_caching_exact():
+  # A network whose output depends on t: caching reuses stale predictions
+  # unless the process stops feeding it t (time_conditioning=False).
+  logits = jax.random.normal(jax.random.key(5), (4, V))
+  seen_t = []
+
+  def build(logits_LxV):
+    def predict(x, t, self_cond=None):
+      seen_t.append(t)
+      return jnp.broadcast_to(logits_LxV * (1.0 + 3.0 * t[:, None, None]),
+                              x.shape + (V,))
+    return Denoiser(predict=predict)
+
+  outs = {}
+  for name in ("ancestral", "cached"):
+    process = MaskedProcess(vocab_size=V, sampler=name, time_conditioning=False)
+    run = sampling.make_sampler(process, 8, 4, 32, build_denoiser=build)
+    outs[name] = np.asarray(run(jax.random.key(11), logits))
+  np.testing.assert_array_equal(outs["cached"], outs["ancestral"])
+
+  # The bound, too, evaluates the network at t = 0.
+  p = MaskedProcess(vocab_size=V, time_conditioning=False)
+  tokens = jnp.zeros((2, 4), jnp.int32)
+  seen_t.clear()
+  jax.jit(lambda k: p.nll_bound(k, build(logits), tokens,
+                                jnp.ones_like(tokens)).nats)(jax.random.key(0))
+  assert seen_t  # traced
+  fixed = p.nll_bound(jax.random.key(0), Denoiser(
+      predict=lambda x, t, self_cond=None: jnp.broadcast_to(logits, x.shape + (V,))),
+      tokens, jnp.ones_like(tokens)).nats
+  got = p.nll_bound(jax.random.key(0), build(logits), tokens,
+                    jnp.ones_like(tokens)).nats
+  np.testing.assert_allclose(got, fixed, rtol=1e-6)

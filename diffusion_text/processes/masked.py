@@ -24,9 +24,10 @@ exactly 0 when alpha(1) = 0 (both schedules here, after clipping rounding).
 
 Sampling: ancestral on any time grid (MDLM eq. 7 / MD4 Alg. 2), or 'cached'
 (MDLM sec. 4.2), which skips the network when x_t did not change since the
-last call. Caching is exact when the denoiser ignores t (as MDLM's
-time-unconditioned models do); otherwise it reuses the prediction made at the
-latest time x_t changed.
+last call. Caching is exact when the denoiser ignores t: set
+`time_conditioning=False` (MDLM's time-unconditioned models, sec. 4.2; the
+network then always sees t = 0); otherwise it reuses the prediction made at
+the latest time x_t changed.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class MaskedProcess(base.Process):
   # (46 random bits, maximum near 31.9). Costs V random numbers per position.
   float64_sampling: bool = False
   num_steps: int = 128            # default number of sampler steps
+  time_conditioning: bool = True  # False: the network sees t = 0 (exact caching)
 
   def __post_init__(self):
     make_schedule(self.schedule)  # fails early on an unknown name
@@ -153,7 +155,8 @@ class MaskedProcess(base.Process):
     x_t = self.corrupt(noise_key, x0_BxL, t_B)
     real_BxL = mask.astype(bool)
     masked_BxL = real_BxL & (x_t == self.mask_id)
-    ce_BxL = base.target_nll(denoiser, x_t, t_B, x0_BxL, masked_BxL)
+    ce_BxL = base.target_nll(denoiser, x_t, self._net_time(t_B), x0_BxL,
+                             masked_BxL)
     masked_ce_B = base.masked_sum(ce_BxL, masked_BxL)
     n_B = jnp.sum(real_BxL, axis=-1).astype(jnp.float32)
     log_v = math.log(self.vocab_size)
@@ -184,10 +187,15 @@ class MaskedProcess(base.Process):
     tokens = jax.random.randint(token_key, shape, 0, self.vocab_size)
     return jnp.where(keep, tokens, all_mask)
 
+  def _net_time(self, t_B: Array) -> Array:
+    """The time the network sees: t, or 0 without time conditioning (the
+    masked posterior depends on x_t alone; MDLM sec. 4.2)."""
+    return t_B if self.time_conditioning else jnp.zeros_like(t_B)
+
   def x0_probs(self, denoiser: base.Denoiser, x_t: Array, t: Array) -> Array:
     """p~(x0 | x_t) [B, L, V] after temperature and top-p (unnormalised)."""
     t_B = jnp.full((x_t.shape[0],), t, jnp.float32)
-    logits_BxLxV = denoiser.predict(x_t, t_B).astype(jnp.float32)
+    logits_BxLxV = denoiser.predict(x_t, self._net_time(t_B)).astype(jnp.float32)
     if self.temperature == 0.0:
       return jax.nn.one_hot(jnp.argmax(logits_BxLxV, -1), self.vocab_size)
     probs_BxLxV = jax.nn.softmax(logits_BxLxV / self.temperature, axis=-1)
