@@ -124,6 +124,15 @@ def target_nll(denoiser: Denoiser, x_t: Array, t_B: Array,
   return jax.nn.logsumexp(logits_BxLxV, axis=-1) - tgt_BxL
 
 
+def bound_as_loss(bound: Bound, mask_BxL: Array) -> LossOutput:
+  """The training objective of processes trained on their bound itself
+  (masked, SEDD, continuous-time Gaussian): the bound per token."""
+  nats = per_token(bound.nats, mask_BxL)
+  metrics = {"loss": nats, "nll_bound": nats}
+  metrics.update({k: per_token(v, mask_BxL) for k, v in bound.terms.items()})
+  return LossOutput(loss=nats, metrics=metrics, terms=bound.terms)
+
+
 def per_token(nats_B: Array, mask_BxL: Array) -> Array:
   """Batch nats per token: total nats over total real tokens (a scalar)."""
   return jnp.sum(nats_B) / jnp.maximum(jnp.sum(mask_BxL), 1)

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 
 from diffusion_text.processes.base import (Array, Bound, Denoiser, LossOutput,
                                            ModelSpec, Process, make_bound,
-                                           masked_sum, per_token)
+                                           bound_as_loss, masked_sum)
 
 _EMBED_NORMS = ("unit", "none")
 
@@ -241,11 +241,7 @@ class GaussianVLBProcess(Process):
            mask: Array) -> LossOutput:
     """The VLB per token itself (VDM, PLAID), with self-conditioning dropout."""
     terms = self._terms(key, denoiser, tokens, mask, train=True)
-    bound = make_bound(terms)
-    loss = per_token(bound.nats, mask)
-    metrics = {"loss": loss, "nats_per_token": loss}
-    metrics.update({k: per_token(v, mask) for k, v in terms.items()})
-    return LossOutput(loss=loss, metrics=metrics, terms=terms)
+    return bound_as_loss(make_bound(terms), mask)
 
   def nll_bound(self, key: Array, denoiser: Denoiser, tokens: Array,
                 mask: Array) -> Bound:

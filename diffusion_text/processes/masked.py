@@ -169,11 +169,7 @@ class MaskedProcess(base.Process):
 
   def loss(self, key: Array, denoiser: base.Denoiser, tokens: Array,
            mask: Array) -> base.LossOutput:
-    bound = self.nll_bound(key, denoiser, tokens, mask)
-    nats = base.per_token(bound.nats, mask)
-    metrics = {"loss": nats, "nll_bound": nats}
-    metrics.update({k: base.per_token(v, mask) for k, v in bound.terms.items()})
-    return base.LossOutput(loss=nats, metrics=metrics, terms=bound.terms)
+    return base.bound_as_loss(self.nll_bound(key, denoiser, tokens, mask), mask)
 
   # ---- sampling ------------------------------------------------------------
   def prior(self, key: Array, shape: tuple[int, int]) -> Array:

@@ -250,11 +250,7 @@ class _SEDD(base.Process):
 
   def loss(self, key: Array, denoiser: base.Denoiser, tokens: Array,
            mask: Array) -> base.LossOutput:
-    bound = self.nll_bound(key, denoiser, tokens, mask)
-    nats = base.per_token(bound.nats, mask)
-    metrics = {"loss": nats, "nll_bound": nats}
-    metrics.update({k: base.per_token(v, mask) for k, v in bound.terms.items()})
-    return base.LossOutput(loss=nats, metrics=metrics, terms=bound.terms)
+    return base.bound_as_loss(self.nll_bound(key, denoiser, tokens, mask), mask)
 
   # ---- sampling ------------------------------------------------------------
   def time_grid(self, steps: int, length: int) -> Array:
