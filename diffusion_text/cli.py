@@ -39,6 +39,14 @@ def _parser() -> argparse.ArgumentParser:
                  "(optional when resuming a workdir)")
   t.add_argument("--workdir", required=True)
   _common_data_flags(t)
+  m = t.add_argument_group(
+      "multi-process", "run the same command once per process (host); "
+      "default: $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID")
+  m.add_argument("--coordinator", metavar="HOST:PORT", help="address of "
+                 "process 0 (all processes pass the same); 'auto' detects "
+                 "TPU pods, Slurm and Open MPI jobs")
+  m.add_argument("--num-processes", type=int, metavar="N")
+  m.add_argument("--process-id", type=int, metavar="I", help="0 .. N-1")
 
   e = sub.add_parser("eval", help="NLL bound of a trained workdir")
   e.add_argument("--workdir", required=True)
@@ -77,7 +85,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-  from diffusion_text import config as config_lib, train
+  from diffusion_text import config as config_lib, distributed, train
+  # Before anything queries a device: the runtime spans all processes.
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   workdir = pathlib.Path(args.workdir)
   if args.config:
     cfg = config_lib.load_preset(args.config)

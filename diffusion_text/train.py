@@ -3,7 +3,10 @@
 All IO lives here; the step itself (step.py) is pure. A workdir holds
 `config.json`, `tokenizer.json`, `metrics.jsonl` and `checkpoints/`; running
 `train` on an existing workdir resumes from its last checkpoint with the same
-data position, and Ctrl-C saves a checkpoint before exiting.
+data position, and Ctrl-C saves a checkpoint before exiting. In a
+multi-process run (distributed.py) every process runs this loop on its own
+rows of each batch; only process 0 logs and writes workdir files, and all
+processes save checkpoints together (Orbax).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import pathlib
 import time
 from typing import Callable, Optional
@@ -22,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_text import config as config_lib
-from diffusion_text import sharding, step as step_lib
+from diffusion_text import distributed, sharding, step as step_lib
 from diffusion_text.checkpoint import Checkpointer
 from diffusion_text.data import pipeline, tokenizers
 from diffusion_text.models import build_model, count_params
@@ -147,6 +151,12 @@ class _Pmap:
 
   def __init__(self, cfg, step_fn_factory, state):
     del state
+    if jax.process_count() > 1:
+      # Multi-process pmap stalls (2 CPU processes, JAX 0.10); the sharded
+      # mode is the multi-process path.
+      raise config_lib.ConfigError(
+          "train.parallel=pmap runs in one process only; use "
+          "train.parallel=sharded for multi-process training")
     self.n = jax.local_device_count()
     if cfg.data.batch_size % self.n:
       raise config_lib.ConfigError(
@@ -186,13 +196,20 @@ def train(cfg: config_lib.Config, workdir: str | pathlib.Path,
           log: Callable[[str], None] = print) -> dict:
   """Train (or resume) `cfg` in `workdir`; returns a summary dict."""
   workdir = pathlib.Path(workdir)
+  primary = distributed.is_primary()
+  if not primary:
+    log = lambda msg: None
   config_lib.validate(cfg)
   check_workdir(cfg, workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   run = setup(cfg, workdir, log)
-  (workdir / "config.json").write_text(
-      json.dumps(config_lib.to_dict(cfg), indent=2, default=str))
-  (workdir / "tokenizer.json").write_text(json.dumps(run.prepared.tokenizer.to_json()))
+  # Every process has read the workdir before the primary rewrites it.
+  distributed.barrier("train_setup")
+  if primary:
+    (workdir / "config.json").write_text(
+        json.dumps(config_lib.to_dict(cfg), indent=2, default=str))
+    (workdir / "tokenizer.json").write_text(
+        json.dumps(run.prepared.tokenizer.to_json()))
 
   tc = cfg.train
   tx = step_lib.make_optimizer(tc)
@@ -226,10 +243,11 @@ def train(cfg: config_lib.Config, workdir: str | pathlib.Path,
                               "data_seed": cfg.data.seed,
                               "batch_size": cfg.data.batch_size})
 
-  metrics_file = open(workdir / "metrics.jsonl", "a")
+  metrics_file = open(workdir / "metrics.jsonl" if primary else os.devnull, "a")
   log(f"[train] {tc.steps - start} steps of {cfg.data.batch_size}x"
       f"{cfg.data.seq_len} tokens on {jax.device_count()} device(s) "
-      f"({tc.parallel}); first step compiles")
+      + (f"in {jax.process_count()} processes " if jax.process_count() > 1 else "")
+      + f"({tc.parallel}); first step compiles")
   t0 = time.time()
   t_last, step_last = t0, start
   pending = None  # (step, metrics) fetched one step late
