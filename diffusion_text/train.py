@@ -250,14 +250,16 @@ def train(cfg: config_lib.Config, workdir: str | pathlib.Path,
       + f"({tc.parallel}); first step compiles")
   t0 = time.time()
   t_last, step_last = t0, start
-  pending = None  # (step, metrics) fetched one step late
+  pending = None  # (step, summed metrics, count) fetched one step late
+  acc, n_acc = None, 0  # device-side sum of metrics since the last log
   step_no = start
   status = "done"
 
   def flush(pending, now):
     nonlocal t_last, step_last
-    p_step, p_metrics = pending
-    m = {k: float(np.mean(v)) for k, v in jax.device_get(p_metrics).items()}
+    p_step, p_sum, p_count = pending
+    m = {k: float(np.mean(v)) / p_count
+         for k, v in jax.device_get(p_sum).items()}
     rate = (p_step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
     eta = (tc.steps - p_step) * tokens_per_step / max(rate, 1e-9)
     row = {"step": p_step, "elapsed_s": round(now - t0, 2),
@@ -277,11 +279,15 @@ def train(cfg: config_lib.Config, workdir: str | pathlib.Path,
       key = jax.random.fold_in(base_key, step_no)
       state, metrics = par.step(state, batch, key)
       step_no += 1
+      # Summed on device (asynchronously): logged rows are interval means.
+      acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
+      n_acc += 1
       if pending is not None:
         flush(pending, time.time())
         pending = None
       if step_no % tc.log_every == 0 or step_no == tc.steps or step_no == start + 1:
-        pending = (step_no, metrics)
+        pending = (step_no, acc, n_acc)
+        acc, n_acc = None, 0
       if step_no % tc.checkpoint_every == 0 and step_no < tc.steps:
         save(state, step_no)
       if tc.max_seconds and time.time() - t0 > tc.max_seconds:

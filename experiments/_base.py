@@ -18,7 +18,7 @@ def ptb_word(process: str, steps: int = 250, **options) -> Config:
       data=DataConfig(source="ptb", tokenizer="word", seq_len=64,
                       batch_size=32),
       train=TrainConfig(steps=steps, lr=2e-3, warmup_steps=50, ema_decay=0.99,
-                        log_every=50, checkpoint_every=200),
+                        log_every=25, checkpoint_every=125),
       eval=EvalConfig(split="test", mc_samples=1, batch_size=64),
       sample=SampleConfig(num=2, length=32),
   )

@@ -70,7 +70,7 @@ def test_wrong_set_key_fails_clearly(tmp_path, capsys):
 
 
 def test_interrupt_and_resume_reproduce_the_uninterrupted_run(tmp_path):
-  cfg = _cfg("masked")
+  cfg = _cfg("masked", ["train.log_every=1"])  # rows of single steps
   ref = tmp_path / "ref"
   train.train(cfg, ref, log=lambda m: None)
 
@@ -87,7 +87,9 @@ def test_interrupt_and_resume_reproduce_the_uninterrupted_run(tmp_path):
 
   want = {r["step"]: r["loss"] for r in _rows(ref)}
   got = {r["step"]: r["loss"] for r in _rows(wd)}
-  assert got[12] == pytest.approx(want[12], rel=1e-5, abs=1e-6)
+  assert {10, 11, 12} <= set(got)
+  for step in (10, 11, 12):
+    assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6)
 
 
 def test_workdir_refuses_another_config(tmp_path):

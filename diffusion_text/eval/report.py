@@ -67,7 +67,7 @@ def plot_curves(curves: dict[str, list[dict]], path: str | pathlib.Path,
       ax.plot([r["tokens_seen"] for r in rows], [r["nll_bound"] for r in rows],
               label=name, marker=".")
   ax.set_xlabel("tokens seen")
-  ax.set_ylabel("NLL bound on training batches (nats/token, ≤)")
+  ax.set_ylabel("training-batch NLL bound, mean per log interval\n(nats/token, ≤)")
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend()
