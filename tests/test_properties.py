@@ -84,6 +84,8 @@ def _bound(name, params=None):
 def test_bound_is_above_entropy_and_approaches_it(name):
   result, entropy = _bound(name)
   mean, sem = result["nats_per_token"], result["nats_per_token_sem"]
+  print(f"{name}: bound {mean:.3f} ± {sem:.3f}, entropy {entropy:.3f}, "
+        f"gap {mean - entropy:+.3f} (margin {BUDGET[name][1]})")
   # A valid upper bound: never below the true entropy beyond MC error.
   assert mean + 4 * sem >= entropy, (name, mean, sem, entropy)
   # Learning: within the stated margin after the short run.
