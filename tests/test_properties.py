@@ -26,16 +26,17 @@ from diffusion_text.eval import likelihood
 from diffusion_text.models import as_denoiser
 
 # Training steps and the margin (nats/token) above the entropy that the
-# bound must reach after them. The Gaussian families' bounds are looser by
+# bound must reach after them (each at least ~3 SEM above the gap measured;
+# docs/results.md lists the gaps). The Gaussian families' bounds are looser by
 # nature (continuous latents for discrete data) and need more steps.
 BUDGET = {
     "ar": (300, 0.05),
     "masked": (1000, 0.15),
-    "d3pm_absorbing": (1000, 0.25),
+    "d3pm_absorbing": (1000, 0.3),
     "d3pm_uniform": (1000, 0.25),
     "sedd_absorb": (1000, 0.25),
-    "sedd_uniform": (1000, 0.35),
-    "gaussian_vlb": (1000, 0.6),
+    "sedd_uniform": (1000, 0.4),
+    "gaussian_vlb": (1000, 0.75),
     "gaussian": (1500, 0.6),
 }
 EVAL_BLOCKS = 256
