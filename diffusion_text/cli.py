@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 
@@ -185,7 +186,10 @@ def main(argv=None) -> int:
   except KeyboardInterrupt:
     return 130
   except (ConfigError, CheckpointMismatch, FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    if os.environ.get("DIFFUSION_TEXT_DEBUG"):
+      raise
+    print(f"error: {e}\n(set DIFFUSION_TEXT_DEBUG=1 for a traceback)",
+          file=sys.stderr)
     return 2
 
 
