@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import pathlib
 from typing import Callable, Optional
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_text import sampling
 from diffusion_text.models import as_denoiser
-
-
-def sampler_fn(process, graphdef, num: int, length: int, steps: Optional[int]):
-  """A jitted (params, key, cond_tokens, cond_mask) -> ids [num, length]."""
-
-  @jax.jit
-  def fn(params, key, cond_tokens, cond_mask):
-    denoiser = as_denoiser(nnx.merge(graphdef, params))
-    return sampling.sample(key, process, denoiser, num, length, steps,
-                           cond_tokens=cond_tokens, cond_mask=cond_mask)
-  return fn
 
 
 def with_sampling_options(process, **options):
@@ -53,15 +40,13 @@ def sample_workdir(workdir, num: int = 4, steps: int = 0, length: int = 0,
   tok = run.prepared.tokenizer
   if prompt is not None and infill is not None:
     raise ValueError("use either --prompt or --infill, not both")
+  cond = ()
   if prompt is not None:
-    cond_tokens, cond_mask = sampling.prompt_condition(tok, prompt, length)
+    cond = sampling.prompt_condition(tok, prompt, length)
   elif infill is not None:
-    cond_tokens, cond_mask = sampling.infill_condition(tok, infill, length)
-  else:
-    cond_tokens = jnp.zeros((length,), jnp.int32)
-    cond_mask = jnp.zeros((length,), bool)
-  cond_tokens = jnp.broadcast_to(cond_tokens, (num, length))
-  cond_mask = jnp.broadcast_to(cond_mask, (num, length))
-  fn = sampler_fn(process, run.graphdef, num, length, steps or None)
-  ids = jax.device_get(fn(params, jax.random.key(seed), cond_tokens, cond_mask))
+    cond = sampling.infill_condition(tok, infill, length)
+  fn = sampling.make_sampler(
+      process, num, length, steps or None,
+      build_denoiser=lambda p: as_denoiser(nnx.merge(run.graphdef, p)))
+  ids = jax.device_get(fn(jax.random.key(seed), params, *cond))
   return [tok.decode([int(i) for i in row]) for row in ids]
