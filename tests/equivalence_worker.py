@@ -4,7 +4,6 @@ The device count must be fixed before JAX starts, so this cannot run inside
 the main pytest process. Prints one JSON line of results.
 """
 
-import functools
 import json
 import os
 import sys

@@ -1,6 +1,5 @@
 """Tests for the autoregressive baseline (processes/autoregressive.py)."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

@@ -10,7 +10,6 @@ One module-scoped training run per process (tiny backbone, a few hundred
 steps), so each process compiles its train step once.
 """
 
-import dataclasses
 import functools
 
 import jax
@@ -23,7 +22,7 @@ from diffusion_text import config as config_lib, processes, sampling
 from diffusion_text import step as step_lib, train
 from diffusion_text.data import pipeline
 from diffusion_text.eval import likelihood
-from diffusion_text.models import as_denoiser
+from diffusion_text.models import as_denoiser, build_model
 
 # Training steps and the margin (nats/token) above the entropy that the
 # bound must reach after them (each at least ~3 SEM above the gap measured;
@@ -55,7 +54,6 @@ def _trained(name: str):
       [f"train.steps={steps}", "train.warmup_steps=20"])
   prepared = pipeline.prepare(cfg)
   run_process = train.build_process(cfg, prepared.vocab_size)
-  from diffusion_text.models import build_model
   model = build_model(run_process.model_spec, cfg.model, seed=0)
   graphdef, params = nnx.split(model)
   tx = step_lib.make_optimizer(cfg.train)
@@ -69,11 +67,11 @@ def _trained(name: str):
     batch = {k: jnp.asarray(v) for k, v in next(batches).items()}
     state, _ = fn(state, batch, jax.random.fold_in(key, i))
   entropy = prepared.provenance()["entropy_per_token_nats"]
-  return run_process, graphdef, state.params, prepared, entropy, graphdef
+  return run_process, graphdef, state.params, prepared, entropy
 
 
 def _bound(name, params=None):
-  process, graphdef, trained, prepared, entropy, _ = _trained(name)
+  process, graphdef, trained, prepared, entropy = _trained(name)
   batches = pipeline.eval_batches(prepared, "test", 64, EVAL_BLOCKS)
   result = likelihood.evaluate(process, graphdef,
                                trained if params is None else params, batches,
@@ -98,9 +96,8 @@ def test_bound_is_above_entropy_and_approaches_it(name):
 
 @pytest.mark.parametrize("name", sorted(BUDGET))
 def test_untrained_bound_is_above_entropy(name):
-  process, graphdef, trained, prepared, entropy, _ = _trained(name)
+  process, graphdef, trained, prepared, entropy = _trained(name)
   cfg = config_lib.load_preset(f"synthetic_{name}")
-  from diffusion_text.models import build_model
   fresh = nnx.split(build_model(process.model_spec, cfg.model, seed=1))[1]
   result, _ = _bound(name, params=fresh)
   assert result["nats_per_token"] + 4 * result["nats_per_token_sem"] >= entropy
@@ -108,7 +105,7 @@ def test_untrained_bound_is_above_entropy(name):
 
 @pytest.mark.parametrize("name", sorted(BUDGET))
 def test_sampler_determinism_range_and_conditioning(name):
-  process, graphdef, params, prepared, _, _ = _trained(name)
+  process, graphdef, params, prepared, _ = _trained(name)
   num, length = 4, 16
   build = lambda p: as_denoiser(nnx.merge(graphdef, p))
   fn = sampling.make_sampler(process, num, length, steps=16, build_denoiser=build)

@@ -1,7 +1,6 @@
 """Tests for the one sampling loop, its prompt helpers and masked samplers."""
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp

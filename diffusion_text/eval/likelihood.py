@@ -99,7 +99,6 @@ def evaluate_workdir(workdir, split: str = "test", mc_samples: int = 1,
                      use_ema: bool = True, seed: int = 0, overrides=(),
                      log: Callable[[str], None] = print) -> dict:
   """Evaluate the checkpoint of a training workdir on one split."""
-  import dataclasses
   import json
   import pathlib
   from diffusion_text import config as config_lib, train
