@@ -126,7 +126,12 @@ def _gpt2_arch(config: dict) -> GPT2Config:
                     max_length=config["n_positions"],
                     d_model=config["n_embd"], num_layers=config["n_layer"],
                     num_heads=config["n_head"],
-                    eps=config.get("layer_norm_epsilon", 1e-5))
+                    eps=config.get("layer_norm_epsilon", 1e-5),
+                    bos_id=_or(config.get("bos_token_id"), -1))
+
+
+def _or(value, default):
+  return default if value is None else value
 
 
 def _gpt2_params(state: StateDict, arch: GPT2Config) -> dict:

@@ -31,6 +31,11 @@ class GPT2Config:
   num_layers: int             # n_layer
   num_heads: int              # n_head
   eps: float = TORCH_LN_EPS   # layer_norm_epsilon
+  bos_id: int = -1            # bos_token_id (<|endoftext|>); -1: vocab_size - 1
+
+  @property
+  def bos_token(self) -> int:
+    return self.bos_id if self.bos_id >= 0 else self.vocab_size - 1
 
 
 class GPT2Block(nnx.Module):
