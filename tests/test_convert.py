@@ -8,7 +8,6 @@ backbone adapter must give its process what the published model means.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import pickle

@@ -34,7 +34,7 @@ from diffusion_text.models.dit_sedd import DiTConfig, ScoreDiT
 from diffusion_text.models.gpt2 import GPT2, GPT2Config
 from diffusion_text.models.weights import StateDict, read_checkpoint_dir
 
-Path_ = tuple[Any, ...]
+ParamPath = tuple[Any, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,12 +66,12 @@ class Converter:
   module: Callable[..., nnx.Module]
   detect: Callable[[dict], bool]
   arch: Callable[[dict], Any]
-  params: Callable[[StateDict, Any], dict[Path_, np.ndarray]]
+  params: Callable[[StateDict, Any], dict[ParamPath, np.ndarray]]
   process: Callable[[dict, Any], tuple[str, dict]]
 
 
 def assemble(module: Callable[..., nnx.Module], arch: Any,
-             params: dict[Path_, np.ndarray]) -> nnx.Module:
+             params: dict[ParamPath, np.ndarray]) -> nnx.Module:
   """Build `module(arch)` without initialising it and fill every parameter
   from `params`; missing, unused or mis-shaped entries raise."""
   graphdef, state = nnx.split(

@@ -9,7 +9,6 @@ GPT-2's `c_attn` and the DiT's `attn_qkv` use.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_text.models.layers import rotary
