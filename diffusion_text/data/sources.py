@@ -73,6 +73,7 @@ class FileSource:
   split_files: dict[str, tuple[pathlib.Path, ...]]
   read: Callable[[pathlib.Path], Iterable[str]]
   ranges: Optional[Callable[[int], dict[str, tuple[int, int]]]] = None
+  _count: list = dataclasses.field(default_factory=list, repr=False)
 
   @property
   def splits(self) -> tuple[str, ...]:
@@ -94,8 +95,9 @@ class FileSource:
     self._check_split(split)
     if self.ranges is None:
       return self._stream(self.split_files[split])
-    n = sum(1 for _ in self._stream(self.split_files["all"]))
-    lo, hi = self.ranges(n)[split]
+    if not self._count:               # one counting pass per source
+      self._count.append(sum(1 for _ in self._stream(self.split_files["all"])))
+    lo, hi = self.ranges(self._count[0])[split]
     return itertools.islice(self._stream(self.split_files["all"]), lo, hi)
 
   def files(self, split: Optional[str] = None) -> list[pathlib.Path]:
