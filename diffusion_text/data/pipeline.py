@@ -22,8 +22,8 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import itertools
 import json
-import os
 import pathlib
 import shutil
 import sys
@@ -247,7 +247,6 @@ def _synthetic_chunks(source, split: str, seq_len: int, state: dict):
 def _text_chunks(source, tokenizer, detok_fn, split: str, dc, state: dict,
                  workers: int, data_dir):
   """(tokens [N, L], lengths [N], state after) per chunk, from `state` on."""
-  import itertools
   docs = itertools.islice(source.documents(split), state["docs"], None)
   packer = packing.PACKERS[dc.packing](dc.seq_len, state["carry"])
   n_docs, n_tokens = state["docs"], state["tokens"]

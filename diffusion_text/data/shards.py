@@ -18,7 +18,7 @@ import json
 import os
 import pathlib
 import re
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 import numpy as np
 
