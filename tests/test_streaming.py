@@ -145,6 +145,8 @@ def test_lm1b_padding_and_packing_conventions(tmp_path, data_dir):
   assert pad.provenance()["packing"] == "pad"
   with pytest.raises(ConfigError, match="data.packing"):
     pipeline.prepare(_cfg(tmp_path, packing="wrap", **base))
+  with pytest.raises(ConfigError, match="data.shard_blocks"):
+    pipeline.prepare(_cfg(tmp_path, shard_blocks=0, **base))
 
 
 def test_resume_after_a_kill_keeps_finished_shards(tmp_path, corpus, monkeypatch):

@@ -55,7 +55,7 @@ def _parquet_texts(path: pathlib.Path) -> Iterator[str]:
     import pyarrow.parquet as pq
   except ImportError:
     raise DataError(f"{path.name}: reading .parquet needs pyarrow (pip install "
-                    "'diffusion-text[parquet]')") from None
+                    "pyarrow), or convert the files to .jsonl") from None
   for batch in pq.ParquetFile(path).iter_batches(columns=["text"], batch_size=1024):
     yield from batch.column(0).to_pylist()
 

@@ -143,6 +143,9 @@ def prepare(cfg: config_lib.Config,
   dc = cfg.data
   if dc.seq_len < 1:
     raise ConfigError("data.seq_len must be positive")
+  if dc.shard_blocks < 1 or dc.valid_docs < 0 or dc.workers < 1:
+    raise ConfigError("data.shard_blocks and data.workers must be >= 1 and "
+                      "data.valid_docs >= 0")
   if dc.packing not in packing.PACKERS:
     raise ConfigError(f"data.packing must be one of {', '.join(packing.PACKERS)}, "
                       f"not {dc.packing!r}")

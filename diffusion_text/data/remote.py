@@ -73,7 +73,8 @@ def hf_source(name: str, opts: dict) -> CatalogSource:
   if not opts.get("allow_download"):
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["HF_HUB_OFFLINE"] = "1"
-  path, _, config = name.partition("/") if name.count("/") > 1 else (name, "", "")
+  # hf:NAME, hf:ORG/NAME or hf:ORG/NAME/CONFIG
+  path, config = name.rsplit("/", 1) if name.count("/") > 1 else (name, "")
   try:
     ds = datasets.load_dataset(path, config or None, streaming=True)
   except Exception as e:   # offline misses surface as several exception types
