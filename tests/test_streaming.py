@@ -215,6 +215,8 @@ def test_eval_batches_stream_without_loading_the_split(tmp_path, corpus, monkeyp
 @pytest.mark.parametrize("name", ["tfds:lm1b", "hf:openwebtext"])
 def test_catalog_sources_fail_fast_offline(name, tmp_path, monkeypatch):
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+  for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):   # restored afterwards
+    monkeypatch.setenv(var, "1")
   start = time.monotonic()
   with pytest.raises(ConfigError, match="allow_download|pip install datasets"):
     pipeline.prepare(_cfg(tmp_path, source=name, tokenizer="gpt2"))

@@ -65,14 +65,15 @@ def tfds_source(name: str, opts: dict) -> CatalogSource:
 
 
 def hf_source(name: str, opts: dict) -> CatalogSource:
+  if not opts.get("allow_download"):
+    # Read when `datasets` / `huggingface_hub` are first imported.
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
   try:
     import datasets
   except ImportError:
     raise DataError(f"hf:{name} needs the Hugging Face `datasets` package "
                     "(pip install datasets); or use a local file source") from None
-  if not opts.get("allow_download"):
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ["HF_HUB_OFFLINE"] = "1"
   # hf:NAME, hf:ORG/NAME or hf:ORG/NAME/CONFIG
   path, config = name.rsplit("/", 1) if name.count("/") > 1 else (name, "")
   try:
