@@ -46,14 +46,20 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  source: str = "ptb"            # corpus name (data.sources.names()) or 'text'
-  path: Optional[str] = None     # for source='text': a UTF-8 text file
-  tokenizer: str = "word"        # word | char | gpt2 | bert
+  source: str = "ptb"            # corpus name (data.sources.names()), tfds:NAME or hf:NAME
+  path: Optional[str] = None     # text/text8: a file; files/owt: a file, dir or glob; lm1b: release dir
+  tokenizer: str = "word"        # word | char | gpt2 | bert | text8
   seq_len: int = 128             # tokens per training/eval block
   batch_size: int = 32           # global batch (sequences per step)
   data_dir: Optional[str] = None   # corpora; default $DIFFUSION_TEXT_DATA
   cache_dir: Optional[str] = None  # prepared data; default $DIFFUSION_TEXT_CACHE
   seed: int = 0                  # shuffling seed of the training stream
+  packing: str = "concat"        # concat (units+EOS cut into blocks) | pad (one padded block per unit)
+  valid_docs: int = 100_000      # files/owt sources: last documents held out as 'valid' (SEDD/MDLM OWT)
+  txt_document: str = "line"     # files/owt sources: a .txt holds one document per 'line' or per 'file'
+  workers: int = 2               # tokenizer processes while preparing corpora over 16 MB (1: in-process)
+  shard_blocks: int = 8192       # blocks per array_record shard (the resume granularity)
+  allow_download: bool = False   # tfds:/hf: sources may download; otherwise local caches only
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Pipeline: packing counts, masks, the TFDS cache, Grain resume and host slices."""
+"""Pipeline: packing counts, masks, the sharded cache, Grain resume and host slices."""
 
 import os
 import pathlib
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from diffusion_text.config import Config, ConfigError, DataConfig
-from diffusion_text.data import pipeline, tokenizers
+from diffusion_text.data import detokenizers, pipeline, tokenizers
 
 DATA = pathlib.Path(os.environ["DIFFUSION_TEXT_DATA"])   # set by conftest
 
@@ -91,9 +91,10 @@ def test_provenance(ptb_word, ptb_data):
   for path, digest in prov["files_sha256"].items():
     rel = os.path.relpath(path, ptb_data)
     assert sums[rel] == digest
-  # The blocks live in the cache as TFDS array_record shards.
+  # The blocks live in the cache as array_record shards beside info.json.
   assert {f.name for f in p.cache_path.iterdir()} >= {
-      "dataset_info.json", "token_blocks-test.array_record-00000-of-00001"}
+      "info.json", "test-00000.array_record"}
+  assert p.num_blocks("test") == len(p.blocks("test"))
 
 
 def test_second_prepare_reads_the_cache(ptb_word, ptb_data, monkeypatch):
@@ -102,7 +103,7 @@ def test_second_prepare_reads_the_cache(ptb_word, ptb_data, monkeypatch):
 
   def no_tokenizing(*args, **kwargs):
     raise AssertionError("the cached blocks should have been used")
-  monkeypatch.setattr(pipeline, "_text_split", no_tokenizing)
+  monkeypatch.setattr(pipeline, "_text_chunks", no_tokenizing)
   monkeypatch.setattr(tokenizers.WordTokenizer, "from_text", no_tokenizing)
   again = pipeline.prepare(cfg)
   np.testing.assert_array_equal(again.blocks("valid"), first.blocks("valid"))
@@ -113,7 +114,7 @@ def test_second_prepare_reads_the_cache(ptb_word, ptb_data, monkeypatch):
   assert third.tokenizer is restored
   np.testing.assert_array_equal(third.blocks("test"), first.blocks("test"))
   assert _snapshot(ptb_data) == before
-  assert "tensorflow" not in sys.modules   # TFDS array_record without TF
+  assert "tensorflow" not in sys.modules   # array_record without TF
 
 
 def test_wrong_tokenizer_for_config(ptb_word):
@@ -129,12 +130,12 @@ def test_gpt2_protocol_applies_the_detokenizer(tmp_path, data_dir):
   prov = p.provenance()
   assert prov["detokenizer"] == "lambada_detokenizer"
   assert prov["protocol"] == "sedd_zero_shot"
-  docs = p.source.documents("test")
+  docs = list(p.source.documents("test"))
   first = p.tokenizer.encode("\n" + docs[0].replace("“", '"').replace("”", '"').strip())
   np.testing.assert_array_equal(p.blocks("test")[0, :len(first)], first)
   assert p.blocks("test")[0, len(first)] == 50256
   assert p.num_tokens("test") == sum(map(len, p.tokenizer.encode_batch(
-      [pipeline.protocol.lambada_detokenizer(d) for d in docs]))) + len(docs)
+      [detokenizers.lambada_detokenizer(d) for d in docs]))) + len(docs)
   with pytest.raises(ConfigError, match="no split 'train'"):
     p.blocks("train")
 

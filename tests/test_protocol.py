@@ -1,8 +1,8 @@
-"""SEDD zero-shot protocol: detokenizer rules on hand-worked strings, constants."""
+"""SEDD zero-shot protocol: detokenizer rules (data.detokenizers) on hand-worked strings, constants."""
 
 import pytest
 
-from diffusion_text.data import sources
+from diffusion_text.data import detokenizers, sources
 from diffusion_text.eval import protocol
 
 
@@ -20,7 +20,7 @@ from diffusion_text.eval import protocol
     ("at 20 ° C with N units", "at 20°C with 1 units"),
 ])
 def test_wikitext(raw, expected):
-  assert protocol.wt_detokenizer(raw) == expected
+  assert detokenizers.wt_detokenizer(raw) == expected
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -32,7 +32,7 @@ def test_wikitext(raw, expected):
     ("pay # N N later", "pay #1 1 later"),
 ])
 def test_ptb(raw, expected):
-  assert protocol.ptb_detokenizer(raw) == expected
+  assert detokenizers.ptb_detokenizer(raw) == expected
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -43,20 +43,29 @@ def test_ptb(raw, expected):
     ("Mr. Smith arrived . Then he left", "Mr. Smith arrived. Then he left"),
 ])
 def test_lm1b(raw, expected):
-  assert protocol.lm1b_detokenizer(raw) == expected
+  assert detokenizers.lm1b_detokenizer(raw) == expected
 
 
 def test_lambada():
   raw = "“Hi,” she said.  He smiled, “Bye.” "
-  assert protocol.lambada_detokenizer(raw) == '\n"Hi," she said.  He smiled, "Bye."'
+  assert detokenizers.lambada_detokenizer(raw) == '\n"Hi," she said.  He smiled, "Bye."'
 
 
 def test_protocol_selection():
   assert protocol.PROTOCOL["tokenizer"] == "gpt2"
   assert protocol.PROTOCOL["block_length"] == 1024
   assert protocol.PROTOCOL["eos_per_row"] is True
-  assert set(protocol.DETOKENIZERS) <= set(sources.names())
-  assert protocol.detokenizer_for("ptb", "gpt2") is protocol.ptb_detokenizer
-  assert protocol.detokenizer_for("wikitext103", "gpt2") is protocol.wt_detokenizer
-  assert protocol.detokenizer_for("ptb", "word") is None
-  assert protocol.detokenizer_for("tinyshakespeare", "gpt2") is None
+  assert set(detokenizers.DETOKENIZERS) <= set(sources.names())
+  assert detokenizers.detokenizer_for("ptb", "gpt2") is detokenizers.ptb_detokenizer
+  assert detokenizers.detokenizer_for("wikitext103", "gpt2") is detokenizers.wt_detokenizer
+  assert detokenizers.detokenizer_for("ptb", "word") is None
+  assert detokenizers.detokenizer_for("tinyshakespeare", "gpt2") is None
+  assert protocol.PROTOCOL["detokenizers"]["ptb"] == "ptb_detokenizer"
+
+
+def test_data_never_imports_eval():
+  import pathlib
+  import diffusion_text.data as data
+  for f in pathlib.Path(data.__file__).parent.rglob("*.py"):
+    text = f.read_text()
+    assert "diffusion_text.eval" not in text and "from diffusion_text import eval" not in text, f

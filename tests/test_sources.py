@@ -17,7 +17,7 @@ def test_registry():
 def test_ptb_rows(data_dir):
   src = sources.get_source("ptb", data_dir)
   assert src.splits == ("train", "valid", "test")
-  test = src.documents("test")
+  test = list(src.documents("test"))
   assert len(test) == 3761
   # Mikolov's count: words plus one <eos> per row.
   assert sum(len(d.split()) + 1 for d in test) == 82_430
@@ -32,20 +32,20 @@ def test_wikitext_rows_match_hf_sizes(name, data_dir):
   # HF dataset_infos.json of wikitext-*-raw-v1: rows and Arrow num_bytes,
   # which is the UTF-8 text plus one 4-byte offset per row plus one more.
   for split, rows, nbytes in (("test", 4358, 1_305_092), ("valid", 3760, 1_159_292)):
-    docs = src.documents(split)
+    docs = list(src.documents(split))
     assert len(docs) == rows
     assert sum(len(d.encode("utf-8")) for d in docs) + 4 * (rows + 1) == nbytes
-  docs = src.documents("test")
+  docs = list(src.documents("test"))
   assert "" in docs and all(d == "" or d.endswith("\n") for d in docs)
 
 
 def test_lambada_and_lm1b(data_dir):
   lam = sources.get_source("lambada", data_dir)
-  assert lam.splits == ("test",) and len(lam.documents("test")) == 5153
+  assert lam.splits == ("test",) and len(list(lam.documents("test"))) == 5153
   lm1b = sources.get_source("lm1b", data_dir)
   files = lm1b.files("test")
   assert [f.name for f in files] == sorted(f.name for f in files) and len(files) == 5
-  docs = lm1b.documents("test")
+  docs = list(lm1b.documents("test"))
   assert len(docs) == 30_396
   first = files[0].read_text("utf-8").split("\n")[0].strip()
   assert docs[0] == first
@@ -53,7 +53,7 @@ def test_lambada_and_lm1b(data_dir):
 
 def test_tinyshakespeare_contiguous_split(data_dir):
   src = sources.get_source("tinyshakespeare", data_dir)
-  parts = [src.documents(s) for s in ("train", "valid", "test")]
+  parts = [list(src.documents(s)) for s in ("train", "valid", "test")]
   assert [len(p) for p in parts] == [36_000, 2_000, 2_000]
   text = (data_dir / "tinyshakespeare" / "input.txt").read_text("utf-8")
   assert "\n".join(sum(parts, [])) + "\n" == text
@@ -64,9 +64,9 @@ def test_text_source(tmp_path):
   lines = [f"line {i}" for i in range(100)]
   path.write_text("\n".join(lines) + "\n", encoding="utf-8")
   src = sources.get_source("text", None, str(path))
-  assert src.documents("train") == lines[:90]
-  assert src.documents("valid") == lines[90:95]
-  assert src.documents("test") == lines[95:]
+  assert list(src.documents("train")) == lines[:90]
+  assert list(src.documents("valid")) == lines[90:95]
+  assert list(src.documents("test")) == lines[95:]
   assert src.files() == [path]
   with pytest.raises(ConfigError, match="data.path"):
     sources.get_source("text", None, None)

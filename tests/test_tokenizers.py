@@ -113,3 +113,20 @@ def test_clear_errors(tmp_path, monkeypatch):
     tokenizers.make_tokenizer("bert")
   with pytest.raises(ConfigError, match="train"):
     tokenizers.make_tokenizer("word", None)
+
+
+def test_text8_characters_and_registry_round_trip():
+  tok = tokenizers.make_tokenizer("text8")
+  assert tok.vocab_size == 27 and tok.eos_id is None
+  ids = tok.encode("anarchism originated")
+  assert ids[:2] == [0, 13] and ids[9] == 26   # a, n, ...; the space is last
+  assert tok.decode(ids) == "anarchism originated"
+  # Every registered tokenizer that needs no files round-trips through JSON.
+  for name, args in {"char": (None, "ab c"), "word": (None, "a b"),
+                     "text8": (), "identity": (None, None, 5)}.items():
+    made = tokenizers.make_tokenizer(name, *args)
+    back = tokenizers.tokenizer_from_json(made.to_json())
+    assert type(back) is type(made) and back.fingerprint() == made.fingerprint()
+  assert set(tokenizers.names()) == {"char", "word", "gpt2", "bert", "text8", "identity"}
+  with pytest.raises(ConfigError, match="unknown tokenizer 'bpe'.*saved"):
+    tokenizers.tokenizer_from_json({"name": "bpe"})

@@ -1,7 +1,11 @@
 """Data layer (DESIGN.md section 5): sources, tokenizers, the packing pipeline.
 
-`sources` reads local corpora (and a synthetic Markov chain), `tokenizers`
-turns text into ids, `pipeline` packs ids into blocks cached as TFDS
-array_record and serves Grain training batches and padded eval batches.
-Submodules are imported on use so `import diffusion_text.data` stays light.
+`sources` streams local corpora (`corpora`: document collections, text8, the
+full LM1B; `remote`: tfds:/hf: catalog datasets; and a synthetic Markov
+chain), `tokenizers` turns text into ids, `detokenizers` holds the SEDD
+zero-shot detokenizers, `packing` cuts units into blocks in worker
+processes, `shards` stores them as resumable array_record shards, and
+`pipeline` ties them together and serves Grain training batches and streamed
+eval batches. Submodules are imported on use so `import diffusion_text.data`
+stays light.
 """

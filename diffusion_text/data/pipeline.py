@@ -1,15 +1,19 @@
-"""Data pipeline: source -> tokenizer -> packed blocks (TFDS array_record) -> Grain.
+"""Data pipeline: source -> tokenizer -> packed blocks (sharded array_record) -> Grain.
 
-`prepare(cfg)` tokenizes every split once (each unit followed by EOS, all
-units concatenated and cut into non-overlapping seq_len blocks; the final
-partial block is kept, padded and masked so every token is scored), writes
-the blocks with a TFDS builder as array_record into the cache directory and
-reads them back with random access. The data directory is only read.
+`prepare(cfg)` streams every split once through the tokenizer (worker
+processes for large corpora) and a packer (`packing`: each unit followed by
+EOS, all units concatenated and cut into non-overlapping seq_len blocks, the
+final partial block kept, padded and masked; or one padded block per unit),
+into array_record shards of `data.shard_blocks` blocks (`shards`). Memory
+stays bounded by a few chunks of documents whatever the corpus size; a killed
+preparation resumes after its last finished shard, and readers only ever see
+a complete dataset. The data directory is only read.
 
 `train_batches` is a Grain MapDataset (source -> shuffle -> repeat -> batch)
 indexed by step, so resuming at step k reproduces exactly the batches of an
 uninterrupted run, and each host reads only its own slice of the global
-batch. `eval_batches` keeps a static batch shape by padding with empty rows.
+batch. `eval_batches` streams a split's blocks in order and keeps a static
+batch shape by padding with empty rows.
 """
 
 from __future__ import annotations
@@ -18,43 +22,24 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import itertools
 import json
-import logging
 import pathlib
+import shutil
 import sys
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import numpy as np
 
 from diffusion_text import config as config_lib
 from diffusion_text.config import ConfigError
-from diffusion_text.data import sources, tokenizers
-from diffusion_text.eval import protocol
+from diffusion_text.data import detokenizers, packing, shards, sources, tokenizers
+from diffusion_text.data.packing import pack  # noqa: F401  (the in-memory reference)
 
-FORMAT_VERSION = 1   # bump when the packing rule changes (invalidates caches)
-
-
-# ------------------------------------------------------------------ packing
-def pack(units: Sequence[Sequence[int]], eos_id: Optional[int],
-         seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-  """Units (each + EOS) concatenated and cut: tokens [N, L], lengths [N]."""
-  eos = [] if eos_id is None else [eos_id]
-  sizes = np.fromiter((len(u) + len(eos) for u in units), np.int64, len(units))
-  flat = np.empty(int(sizes.sum()), np.int32)
-  pos = 0
-  for u in units:
-    flat[pos:pos + len(u)] = u
-    pos += len(u)
-    if eos:
-      flat[pos] = eos_id
-      pos += 1
-  n_blocks = -(-len(flat) // seq_len)
-  tokens_NxL = np.zeros((n_blocks, seq_len), np.int32)
-  tokens_NxL.reshape(-1)[:len(flat)] = flat
-  length_N = np.full(n_blocks, seq_len, np.int32)
-  if n_blocks and len(flat) % seq_len:
-    length_N[-1] = len(flat) % seq_len
-  return tokens_NxL, length_N
+FORMAT_VERSION = 2   # bump when the packing rule or layout changes (invalidates caches)
+CHUNK_DOCS = 256     # documents per tokenization chunk (and per resume point)
+# Below this many bytes of text, starting worker processes costs more than it saves.
+PARALLEL_MIN_BYTES = 16 << 20
 
 
 def _mask(length_N: np.ndarray, seq_len: int) -> np.ndarray:
@@ -86,26 +71,6 @@ def _locked(path: pathlib.Path):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-@contextlib.contextmanager
-def _quiet_tfds():
-  """TFDS warns about every not-yet-written dataset folder it probes."""
-  logger = logging.getLogger("absl")
-  level = logger.level
-  logger.setLevel(logging.ERROR)
-  try:
-    yield
-  finally:
-    logger.setLevel(level)
-
-
-def _open_builder(root: pathlib.Path, seq_len: int, splits, make_split):
-  from diffusion_text.data.builders import TokenBlocks  # imports TFDS
-  with _quiet_tfds():
-    builder = TokenBlocks(seq_len=seq_len, split_names=splits,
-                          make_split=make_split, data_dir=str(root))
-    return builder, builder.is_prepared()
-
-
 # ----------------------------------------------------------------- prepared
 @dataclasses.dataclass
 class Prepared:
@@ -116,7 +81,6 @@ class Prepared:
   seq_len: int
   splits: tuple
   cache_path: pathlib.Path
-  _builder: object
   _info: dict
   _arrays: dict = dataclasses.field(default_factory=dict)
 
@@ -130,15 +94,24 @@ class Prepared:
           f"source {self._info['source']!r} has no split {split!r}; it has: "
           f"{', '.join(self.splits)}")
 
-  def data_source(self, split: str):
+  def data_source(self, split: str) -> shards.BlockSource:
     """Random-access records {'tokens': [L], 'length': ()} (array_record)."""
     self._check(split)
-    return self._builder.as_data_source(split=split)
+    meta = self._info["split_meta"][split]
+    return shards.BlockSource(self.cache_path, meta["shards"], meta["blocks"])
+
+  def num_blocks(self, split: str) -> int:
+    self._check(split)
+    return self._info["split_meta"][split]["blocks"]
+
+  def num_tokens(self, split: str) -> int:
+    self._check(split)
+    return self._info["split_meta"][split]["tokens"]
 
   def _load(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """A whole split in memory: for small splits only (use eval_batches)."""
     if split not in self._arrays:
-      ds = self.data_source(split)
-      records = ds.__getitems__(list(range(len(ds)))) if len(ds) else []
+      records = self.data_source(split).read(0, self.num_blocks(split))
       tokens_NxL = np.zeros((len(records), self.seq_len), np.int32)
       length_N = np.zeros(len(records), np.int32)
       for i, r in enumerate(records):
@@ -154,11 +127,14 @@ class Prepared:
     """int32 [N, seq_len], 1 on real tokens."""
     return _mask(self._load(split)[1], self.seq_len)
 
-  def num_tokens(self, split: str) -> int:
-    return int(self._load(split)[1].sum())
-
   def provenance(self) -> dict:
-    return {**self._info, "cache": str(self.cache_path)}
+    return {k: v for k, v in {**self._info, "cache": str(self.cache_path)}.items()
+            if k != "split_meta"}
+
+
+def _source_options(dc) -> dict:
+  return {"valid_docs": dc.valid_docs, "txt_document": dc.txt_document,
+          "allow_download": dc.allow_download}
 
 
 def prepare(cfg: config_lib.Config,
@@ -167,8 +143,14 @@ def prepare(cfg: config_lib.Config,
   dc = cfg.data
   if dc.seq_len < 1:
     raise ConfigError("data.seq_len must be positive")
+  if dc.shard_blocks < 1 or dc.valid_docs < 0 or dc.workers < 1:
+    raise ConfigError("data.shard_blocks and data.workers must be >= 1 and "
+                      "data.valid_docs >= 0")
+  if dc.packing not in packing.PACKERS:
+    raise ConfigError(f"data.packing must be one of {', '.join(packing.PACKERS)}, "
+                      f"not {dc.packing!r}")
   data_dir = dc.data_dir or None
-  source = sources.get_source(dc.source, data_dir, dc.path)
+  source = sources.get_source(dc.source, data_dir, dc.path, **_source_options(dc))
   cache = config_lib.cache_dir(cfg)
   detok_fn = None
 
@@ -181,19 +163,21 @@ def prepare(cfg: config_lib.Config,
                         f"identity tokenizer over {source.vocab_size} ids")
     data_files = {}
     source_id = source.fingerprint()
-    make_split = lambda s: _synthetic_split(source, s, dc.seq_len)
+    split_chunks = lambda s, state: _synthetic_chunks(source, s, dc.seq_len, state)
   else:
     data_files = {str(p): _sha256(p) for p in source.files()}
-    source_id = sorted(data_files.values())
+    source_id = sorted(data_files.values()) or source.fingerprint()
     if tokenizer is None:
       tokenizer = _build_tokenizer(dc.tokenizer, source, data_dir, data_files,
                                    cache)
     elif tokenizer.name != dc.tokenizer:
       raise ConfigError(f"the given tokenizer is {tokenizer.name!r} but "
                         f"data.tokenizer={dc.tokenizer!r}; make them agree")
-    detok_fn = protocol.detokenizer_for(dc.source, tokenizer.name)
-    make_split = lambda s: _text_split(source, tokenizer, detok_fn, s,
-                                       dc.seq_len)
+    detok_fn = detokenizers.detokenizer_for(dc.source, tokenizer.name)
+    total_bytes = sum(p.stat().st_size for p in source.files())
+    workers = dc.workers if total_bytes >= PARALLEL_MIN_BYTES else 1
+    split_chunks = lambda s, state: _text_chunks(
+        source, tokenizer, detok_fn, s, dc, state, workers, data_dir)
 
   info = {
       "source": dc.source,
@@ -205,47 +189,80 @@ def prepare(cfg: config_lib.Config,
       "eos_id": tokenizer.eos_id,
       "seq_len": dc.seq_len,
       "detokenizer": detok_fn.__name__ if detok_fn else None,
-      "protocol": protocol.PROTOCOL["name"] if detok_fn else None,
+      "protocol": detokenizers.PROTOCOL_NAME if detok_fn else None,
       "files_sha256": data_files,
       "source_options": source_id if not data_files else None,
-      "packing": "unit+EOS concatenated, non-overlapping blocks, "
-                 "final partial block padded and masked",
+      "packing": dc.packing,
+      "valid_docs": dc.valid_docs if dc.source in ("files", "owt") else None,
+      "txt_document": dc.txt_document if dc.source in ("files", "owt") else None,
+      "shard_blocks": dc.shard_blocks,
       "format_version": FORMAT_VERSION,
   }
   if hasattr(source, "entropy_per_token"):
     info["entropy_per_token_nats"] = source.entropy_per_token(dc.seq_len)
   key_fields = {k: v for k, v in info.items()
                 if k not in ("path", "files_sha256", "entropy_per_token_nats")}
-  key = f"{dc.source}.{tokenizer.name}.L{dc.seq_len}.{_digest([key_fields, source_id])}"
-  root = cache / "tfds" / key
+  name = dc.source.replace(":", "_").replace("/", "_")
+  key = f"{name}.{tokenizer.name}.L{dc.seq_len}.{_digest([key_fields, source_id])}"
+  root = cache / "prepared" / key
 
-  args = (root, dc.seq_len, source.splits, make_split)
-  builder, ready = _open_builder(*args)
-  if not ready:
-    with _locked(cache / "tfds" / f"{key}.lock"):
-      builder, ready = _open_builder(*args)   # another process may have won
-      if not ready:
-        print(f"[data] preparing {dc.source}/{tokenizer.name} blocks of "
-              f"{dc.seq_len} into {root} (once; cached afterwards)",
-              file=sys.stderr)
-        import tensorflow_datasets as tfds
-        tfds.disable_progress_bar()
-        with _quiet_tfds():
-          builder.download_and_prepare()
-  return Prepared(source, tokenizer, dc.seq_len, tuple(source.splits),
-                  pathlib.Path(str(builder.data_path)), builder, info)
+  if shards.read_info(root) is None:
+    with _locked(cache / "prepared" / f"{key}.lock"):
+      if shards.read_info(root) is None:   # another process may have won
+        _write_dataset(root, info, split_chunks, dc, tokenizer)
+  info = shards.read_info(root)
+  return Prepared(source, tokenizer, dc.seq_len, tuple(info["splits"]), root, info)
 
 
-def _synthetic_split(source, split: str, seq_len: int):
+def _write_dataset(root: pathlib.Path, info: dict, split_chunks, dc, tokenizer):
+  partial = root.with_name(root.name + ".partial")
+  resuming = partial.is_dir()
+  partial.mkdir(parents=True, exist_ok=True)
+  print(f"[data] {'resuming' if resuming else 'preparing'} {dc.source}/"
+        f"{tokenizer.name} blocks of {dc.seq_len} into {root} (once; cached "
+        "afterwards)", file=sys.stderr)
+  meta = {}
+  for split in info["splits"]:
+    first, state = shards.resume_state(partial, split)
+    done = partial / f"{split}.done.json"
+    if not done.exists():
+      written = shards.write_split(partial, split, split_chunks(split, state),
+                                   dc.shard_blocks, first, state["blocks"])
+      tokens = shards.resume_state(partial, split)[1]["tokens"]
+      done.write_text(json.dumps({**written, "tokens": tokens}))
+    meta[split] = json.loads(done.read_text())
+  for done in partial.glob("*.done.json"):
+    done.unlink()
+  if root.exists():
+    shutil.rmtree(root)                # an unreadable leftover (no info.json)
+  shards.finish(partial, root, {**info, "split_meta": meta})
+
+
+def _synthetic_chunks(source, split: str, seq_len: int, state: dict):
+  if state["docs"]:                   # resumed after its one shard was written
+    return
   tokens_NxL = source.token_blocks(split, seq_len)
-  return tokens_NxL, np.full(len(tokens_NxL), seq_len, np.int32)
+  length_N = np.full(len(tokens_NxL), seq_len, np.int32)
+  yield tokens_NxL, length_N, {"docs": 1, "carry": np.zeros(0, np.int32),
+                               "tokens": int(length_N.sum())}
 
 
-def _text_split(source, tokenizer, detok_fn, split: str, seq_len: int):
-  docs = source.documents(split)
-  if detok_fn is not None:
-    docs = [detok_fn(d) for d in docs]
-  return pack(tokenizer.encode_batch(docs), tokenizer.eos_id, seq_len)
+def _text_chunks(source, tokenizer, detok_fn, split: str, dc, state: dict,
+                 workers: int, data_dir):
+  """(tokens [N, L], lengths [N], state after) per chunk, from `state` on."""
+  docs = itertools.islice(source.documents(split), state["docs"], None)
+  packer = packing.PACKERS[dc.packing](dc.seq_len, state["carry"])
+  n_docs, n_tokens = state["docs"], state["tokens"]
+  encoded = packing.encode_chunks(packing.chunked(docs, CHUNK_DOCS), tokenizer,
+                                  detok_fn, workers, data_dir)
+  for n, units in encoded:
+    tokens_NxL, length_N = packer.add(units)
+    n_docs, n_tokens = n_docs + n, n_tokens + int(length_N.sum())
+    yield tokens_NxL, length_N, {"docs": n_docs, "carry": packer.carry,
+                                 "tokens": n_tokens}
+  tokens_NxL, length_N = packer.flush()
+  yield tokens_NxL, length_N, {"docs": n_docs, "carry": packer.carry,
+                               "tokens": n_tokens + int(length_N.sum())}
 
 
 def _build_tokenizer(name: str, source, data_dir, data_files: dict,
@@ -311,15 +328,13 @@ def train_batches(prepared: Prepared, batch_size: int, seed: int,
 
 def eval_batches(prepared: Prepared, split: str, batch_size: int,
                  max_blocks: int = 0) -> Iterator[dict]:
-  """Blocks of `split` in order; the last batch is padded with empty rows."""
-  tokens_NxL, masks_NxL = prepared.blocks(split), prepared.masks(split)
-  if max_blocks:
-    tokens_NxL, masks_NxL = tokens_NxL[:max_blocks], masks_NxL[:max_blocks]
-  for start in range(0, len(tokens_NxL), batch_size):
-    tokens_BxL = tokens_NxL[start:start + batch_size]
-    mask_BxL = masks_NxL[start:start + batch_size]
-    pad = batch_size - len(tokens_BxL)
-    if pad:
-      tokens_BxL = np.pad(tokens_BxL, ((0, pad), (0, 0)))
-      mask_BxL = np.pad(mask_BxL, ((0, pad), (0, 0)))
-    yield {"tokens": tokens_BxL, "mask": mask_BxL}
+  """Blocks of `split` in order, read batch by batch; the last batch is padded with empty rows."""
+  source = prepared.data_source(split)
+  n = len(source) if not max_blocks else min(max_blocks, len(source))
+  for start in range(0, n, batch_size):
+    records = source.read(start, min(start + batch_size, n))
+    tokens_BxL = np.zeros((batch_size, prepared.seq_len), np.int32)
+    length_B = np.zeros(batch_size, np.int32)
+    for i, r in enumerate(records):
+      tokens_BxL[i], length_B[i] = r["tokens"], r["length"]
+    yield {"tokens": tokens_BxL, "mask": _mask(length_B, prepared.seq_len)}

@@ -4,8 +4,9 @@ All of them load offline. 'char' and 'word' learn their vocabulary from the
 training split (PTB's word vocabulary is Mikolov's 10k, `<unk>` included);
 'gpt2' is OpenAI's byte-level BPE read from `encoder.json`/`vocab.bpe` (as in
 SEDD, Lou et al. 2024, and GPT-2, Radford et al. 2019); 'bert' is the
-bert-base-uncased WordPiece vocabulary (used by MDLM for LM1B); 'identity' is
-for token-level sources (the synthetic Markov chain).
+bert-base-uncased WordPiece vocabulary (used by MDLM for LM1B); 'text8' is
+text8's fixed 27 characters; 'identity' is for token-level sources (the
+synthetic Markov chain). Tokenizers are built by name from a registry.
 
 A tokenizer round-trips through `to_json()` / `tokenizer_from_json()` so a
 workdir can restore exactly the vocabulary it was trained with;
@@ -232,11 +233,38 @@ class IdentityTokenizer(Tokenizer):
     return {**super().to_json(), "vocab_size": self.vocab_size}
 
 
+class Text8Tokenizer(Tokenizer):
+  """text8's 27 characters (a-z and space), no EOS: the corpus is one stream.
+
+  D3PM (Austin et al. 2021) and MD4 (Shi et al. 2024) model text8 as
+  256-character chunks of one continuous stream; bits per character are the
+  nats per token of this tokenizer divided by ln 2.
+  """
+
+  name = "text8"
+  CHARS = "abcdefghijklmnopqrstuvwxyz "
+
+  def __init__(self):
+    self.vocab_size = len(self.CHARS)
+    self.eos_id = None
+    self._index = {c: i for i, c in enumerate(self.CHARS)}
+
+  def encode(self, text: str) -> list[int]:
+    try:
+      return [self._index[c] for c in text]
+    except KeyError as e:
+      raise ConfigError(f"text8 holds only a-z and space, found {e.args[0]!r}; "
+                        "use the text8 file (or data.tokenizer=char)") from None
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return "".join(self.CHARS[i] if 0 <= i < self.vocab_size else "\ufffd"
+                   for i in map(int, ids))
+
+  def fingerprint(self) -> str:
+    return _hash_vocab(list(self.CHARS))
+
+
 # ------------------------------------------------------------------ registry
-def names() -> list[str]:
-  return ["char", "word", "gpt2", "bert", "identity"]
-
-
 def _missing(path: pathlib.Path, what: str) -> ConfigError:
   return ConfigError(
       f"missing {what}: {path} does not exist. Point the data directory at "
@@ -257,48 +285,81 @@ def resolve_data_dir(data_dir) -> pathlib.Path:
   return d
 
 
+def _learned(cls):
+  def make(data_dir, train_text, vocab_size):
+    if train_text is None:
+      raise ConfigError(f"tokenizer {cls.name!r} learns its vocabulary from a "
+                        "training split; this source has none (use "
+                        "data.tokenizer=gpt2 or bert)")
+    return cls.from_text(train_text)
+  return make
+
+
+def _from_files(cls):
+  return lambda data_dir, train_text, vocab_size: cls(resolve_data_dir(data_dir))
+
+
+def _identity(data_dir, train_text, vocab_size):
+  if vocab_size is None:
+    raise ConfigError("the identity tokenizer needs vocab_size")
+  return IdentityTokenizer(vocab_size)
+
+
+# name -> make(data_dir, train_text, vocab_size)
+_MAKERS = {
+    "char": _learned(CharTokenizer),
+    "word": _learned(WordTokenizer),
+    "gpt2": _from_files(GPT2Tokenizer),
+    "bert": _from_files(BertTokenizer),
+    "text8": lambda data_dir, train_text, vocab_size: Text8Tokenizer(),
+    "identity": _identity,
+}
+
+
+def names() -> list[str]:
+  return list(_MAKERS)
+
+
+def _unknown(name, where: str) -> ConfigError:
+  return ConfigError(f"unknown tokenizer {name!r} ({where}); choose one of: "
+                     f"{', '.join(names())}")
+
+
 def make_tokenizer(name: str, data_dir=None, train_text: TrainText = None,
                    vocab_size: Optional[int] = None) -> Tokenizer:
   """Build tokenizer `name`; 'char'/'word' need `train_text` (str or units)."""
-  if name in ("char", "word"):
-    if train_text is None:
-      raise ConfigError(f"tokenizer {name!r} learns its vocabulary from a "
-                        "training split; this source has none (use "
-                        "data.tokenizer=gpt2 or bert)")
-    cls = CharTokenizer if name == "char" else WordTokenizer
-    return cls.from_text(train_text)
-  if name == "gpt2":
-    return GPT2Tokenizer(resolve_data_dir(data_dir))
-  if name == "bert":
-    return BertTokenizer(resolve_data_dir(data_dir))
-  if name == "identity":
-    if vocab_size is None:
-      raise ConfigError("the identity tokenizer needs vocab_size")
-    return IdentityTokenizer(vocab_size)
-  raise ConfigError(f"unknown tokenizer {name!r} (data.tokenizer); choose "
-                    f"one of: {', '.join(names())}")
+  if name not in _MAKERS:
+    raise _unknown(name, "data.tokenizer")
+  return _MAKERS[name](data_dir, train_text, vocab_size)
+
+
+def _reload_from_files(d: dict, data_dir) -> Tokenizer:
+  try:
+    root = resolve_data_dir(data_dir)
+  except ConfigError:
+    if not d.get("data_dir"):
+      raise
+    root = resolve_data_dir(d["data_dir"])
+  return make_tokenizer(d["name"], root)
+
+
+# name -> load(saved dict, data_dir); inverse of each tokenizer's to_json
+_LOADERS = {
+    "char": lambda d, data_dir: CharTokenizer(d["vocab"]),
+    "word": lambda d, data_dir: WordTokenizer(d["vocab"]),
+    "identity": lambda d, data_dir: IdentityTokenizer(d["vocab_size"]),
+    "text8": lambda d, data_dir: Text8Tokenizer(),
+    "gpt2": _reload_from_files,
+    "bert": _reload_from_files,
+}
 
 
 def tokenizer_from_json(d: dict, data_dir=None) -> Tokenizer:
   """Inverse of `to_json`; GPT-2/BERT reload from the data dir and are checked."""
   name = d.get("name")
-  if name == "char":
-    tok = CharTokenizer(d["vocab"])
-  elif name == "word":
-    tok = WordTokenizer(d["vocab"])
-  elif name == "identity":
-    tok = IdentityTokenizer(d["vocab_size"])
-  elif name in ("gpt2", "bert"):
-    try:
-      root = resolve_data_dir(data_dir)
-    except ConfigError:
-      if not d.get("data_dir"):
-        raise
-      root = resolve_data_dir(d["data_dir"])
-    tok = make_tokenizer(name, root)
-  else:
-    raise ConfigError(f"unknown tokenizer {name!r} in saved tokenizer; "
-                      f"choose one of: {', '.join(names())}")
+  if name not in _LOADERS:
+    raise _unknown(name, "saved tokenizer")
+  tok = _LOADERS[name](d, data_dir)
   if d.get("fingerprint") and d["fingerprint"] != tok.fingerprint():
     raise ConfigError(
         f"vocabulary mismatch: the saved {name!r} tokenizer has fingerprint "

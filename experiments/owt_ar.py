@@ -1,0 +1,14 @@
+"""Autoregressive baseline on the same backbone (causal mask) on OpenWebText (GPT-2 tokens, EOS between documents, 1,024-token blocks, last 100k documents held out).
+
+Command:
+  diffusion-text train --config owt_ar --workdir runs/owt_ar \
+    --set data.path=/path/to/openwebtext
+  diffusion-text eval --workdir runs/owt_ar
+Expected: perplexity bound on the held-out documents; published: AR 17.5, MDLM <= 23.2, SEDD <= 24.1 (see docs/benchmarks.md).
+"""
+
+from experiments._base import paper_scale
+
+
+def config():
+  return paper_scale("owt", "ar")

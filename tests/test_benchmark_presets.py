@@ -1,0 +1,33 @@
+"""The paper-scale presets (text8_*, lm1b_*, owt_*) build and validate at tiny width."""
+
+import pytest
+
+from diffusion_text import config, processes
+
+TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2",
+        "model.latent_dim=8", "model.cond_dim=16", "data.batch_size=4",
+        "train.steps=2"]
+# The published data protocol of each benchmark (docs/benchmarks.md).
+PROTOCOL = {"text8": ("text8", "text8", 256), "lm1b": ("lm1b", "bert", 128),
+            "owt": ("owt", "gpt2", 1024)}
+
+
+@pytest.mark.parametrize("benchmark", sorted(PROTOCOL))
+@pytest.mark.parametrize("process", processes.names())
+def test_preset_instantiates_at_tiny_width(benchmark, process):
+  name = f"{benchmark}_{process}"
+  assert name in config.preset_names()
+  full = config.load_preset(name)
+  assert full.process.name == process and full.name == name
+  assert (full.data.source, full.data.tokenizer, full.data.seq_len) == PROTOCOL[benchmark]
+  assert (full.model.num_layers, full.model.d_model, full.data.batch_size) == (12, 768, 512)
+  config.validate(full)
+  tiny = config.apply_overrides(full, TINY)
+  config.validate(tiny)
+  assert tiny.model.d_model == 32 and tiny.data.seq_len == full.data.seq_len
+
+
+def test_benchmark_protocol_details():
+  assert config.load_preset("owt_masked").data.valid_docs == 100_000
+  assert config.load_preset("lm1b_masked").data.packing == "pad"
+  assert config.load_preset("owt_masked").eval.split == "valid"
