@@ -77,13 +77,12 @@ class StepTest(chex.TestCase):
     np.testing.assert_allclose(sum(terms.values()), nats_B, rtol=1e-5)
     assert nats_B.shape == (B,) and np.all(np.asarray(nats_B) > 0)
 
-  @chex.variants(with_jit=True, without_jit=True)
   def test_train_step_updates_params_ema_and_counts(self):
     process, graphdef, params = _model()
     tx = step_lib.make_optimizer(TC)
     state = step_lib.init_state(jax.tree.map(jnp.copy, params), tx)
-    train = self.variant(step_lib.make_train_step(graphdef, process, tx,
-                                                  TC.ema_decay))
+    train = jax.jit(step_lib.make_train_step(graphdef, process, tx,
+                                             TC.ema_decay))
     new, metrics = train(state, _batch(), jax.random.key(0))
     assert int(new.step) == 1
     assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
