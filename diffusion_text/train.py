@@ -79,6 +79,7 @@ class ProgressPrinter:
 
 def _prepare_workdir(cfg, workdir: pathlib.Path, log) -> run_lib.Run:
   """Validate, check the workdir, build the run, write config + tokenizer."""
+  config_lib.validate(cfg)
   run_lib.check_process(cfg)
   run_lib.check_workdir(cfg, workdir)
   workdir.mkdir(parents=True, exist_ok=True)
