@@ -115,3 +115,19 @@ def test_workdir_refuses_another_config(tmp_path, capsys):
   assert "resuming" in capsys.readouterr().out
   saved = json.loads((wd / "config.json").read_text())
   assert saved["sample"]["temperature"] == 0.9 and saved["train"]["steps"] == 4
+
+
+def test_eval_and_sample_flags_are_config_shorthand():
+  parse = lambda argv: cli._with_shorthand(cli._parser().parse_args(argv))
+  assert parse(["sample", "--workdir", "w", "--temperature", "0.9",
+                "--top-p", "0.5", "--sampler", "ddim", "--num", "3",
+                "--no-ema"]) == [
+      "sample.num=3", "sample.temperature=0.9", "sample.top_p=0.5",
+      "sample.sampler=ddim", "eval.use_ema=false"]
+  # flags come after --set, so the flag wins when both are given
+  assert parse(["eval", "--workdir", "w", "--set", "eval.split=valid",
+                "--split", "train", "--mc-samples", "4"]) == [
+      "eval.split=valid", "eval.split=train", "eval.mc_samples=4"]
+  cfg = config_lib.apply_overrides(_cfg("ar"), parse(
+      ["eval", "--workdir", "w", "--split", "valid", "--batch-size", "8"]))
+  assert (cfg.eval.split, cfg.eval.batch_size) == ("valid", 8)
