@@ -48,23 +48,25 @@ def _parser() -> argparse.ArgumentParser:
   m.add_argument("--num-processes", type=int, metavar="N")
   m.add_argument("--process-id", type=int, metavar="I", help="0 .. N-1")
 
-  e = sub.add_parser("eval", help="NLL bound of a trained workdir")
+  e = sub.add_parser("eval", help="NLL bound of a trained workdir; flags "
+                     "are shorthand for --set eval.KEY=VALUE")
   e.add_argument("--workdir", required=True)
-  e.add_argument("--split", default=None, help="train | valid | test")
-  e.add_argument("--mc-samples", type=int, default=None,
+  e.add_argument("--split", help="train | valid | test")
+  e.add_argument("--mc-samples", type=int,
                  help="Monte-Carlo time samples per block")
-  e.add_argument("--max-blocks", type=int, default=None)
-  e.add_argument("--batch-size", type=int, default=None)
+  e.add_argument("--max-blocks", type=int)
+  e.add_argument("--batch-size", type=int)
   e.add_argument("--no-ema", action="store_true", help="raw, not EMA, params")
   _common_data_flags(e)
 
-  s = sub.add_parser("sample", help="draw text from a trained workdir")
+  s = sub.add_parser("sample", help="draw text from a trained workdir; flags "
+                     "are shorthand for --set sample.KEY=VALUE")
   s.add_argument("--workdir", required=True)
-  s.add_argument("--num", type=int, default=4)
-  s.add_argument("--steps", type=int, default=0, help="reverse steps "
+  s.add_argument("--num", type=int)
+  s.add_argument("--steps", type=int, help="reverse steps "
                  "(0: the process default)")
-  s.add_argument("--length", type=int, default=0, help="tokens per sample")
-  s.add_argument("--seed", type=int, default=0)
+  s.add_argument("--length", type=int, help="tokens per sample")
+  s.add_argument("--seed", type=int)
   s.add_argument("--prompt", help="fixed prefix text")
   s.add_argument("--infill", help='template with ___ gaps, e.g. "A ___ B"')
   s.add_argument("--temperature", type=float)
@@ -72,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--sampler", help="sampler variant where the process has "
                  "several (e.g. ddpm/ddim, ancestral/cached, euler/analytic)")
   s.add_argument("--no-ema", action="store_true")
+  _common_data_flags(s)
 
   c = sub.add_parser("compare", help="one table over several workdirs")
   c.add_argument("workdirs", nargs="+")
@@ -84,47 +87,56 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+# Flags that are shorthand for a config field: argparse dest -> dotted key.
+SHORTHAND = {
+    "eval": {"split": "eval.split", "mc_samples": "eval.mc_samples",
+             "max_blocks": "eval.max_blocks", "batch_size": "eval.batch_size"},
+    "sample": {"num": "sample.num", "steps": "sample.steps",
+               "length": "sample.length", "seed": "sample.seed",
+               "temperature": "sample.temperature", "top_p": "sample.top_p",
+               "sampler": "sample.sampler"},
+}
+
+
+def _with_shorthand(args) -> list[str]:
+  """--set overrides, then the command's shorthand flags (which win)."""
+  out = _overrides(args)
+  for dest, key in SHORTHAND.get(args.command, {}).items():
+    if getattr(args, dest) is not None:
+      out.append(f"{key}={getattr(args, dest)}")
+  if getattr(args, "no_ema", False):
+    out.append("eval.use_ema=false")
+  return out
+
+
 def cmd_train(args) -> int:
-  from diffusion_text import config as config_lib, distributed, train
+  from diffusion_text import config as config_lib, distributed, run, train
   # Before anything queries a device: the runtime spans all processes.
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   workdir = pathlib.Path(args.workdir)
   if args.config:
-    cfg = config_lib.load_preset(args.config)
+    cfg = config_lib.apply_overrides(config_lib.load_preset(args.config),
+                                     _overrides(args))
   elif (workdir / "config.json").exists():
-    cfg = train.load_config(workdir)
+    cfg = run.load_config(workdir, _overrides(args))
   else:
     raise config_lib.ConfigError(
         f"--config is required for a new workdir; presets: "
         f"{', '.join(config_lib.preset_names())}")
-  cfg = config_lib.apply_overrides(cfg, _overrides(args))
   train.train(cfg, workdir)
   return 0
 
 
 def cmd_eval(args) -> int:
-  from diffusion_text import train
   from diffusion_text.eval import likelihood
-  cfg = train.load_config(pathlib.Path(args.workdir))
-  ev = cfg.eval
-  likelihood.evaluate_workdir(
-      args.workdir, split=args.split or ev.split,
-      mc_samples=args.mc_samples or ev.mc_samples,
-      max_blocks=ev.max_blocks if args.max_blocks is None else args.max_blocks,
-      batch_size=args.batch_size or ev.batch_size,
-      use_ema=ev.use_ema and not args.no_ema, seed=ev.seed,
-      overrides=_overrides(args))
+  likelihood.evaluate_workdir(args.workdir, _with_shorthand(args))
   return 0
 
 
 def cmd_sample(args) -> int:
   from diffusion_text.eval import samples
-  texts = samples.sample_workdir(
-      args.workdir, num=args.num, steps=args.steps, length=args.length,
-      seed=args.seed, prompt=args.prompt, infill=args.infill,
-      use_ema=not args.no_ema,
-      options={"temperature": args.temperature, "top_p": args.top_p,
-               "sampler": args.sampler})
+  texts = samples.sample_workdir(args.workdir, _with_shorthand(args),
+                                 prompt=args.prompt, infill=args.infill)
   for i, text in enumerate(texts):
     print(f"--- sample {i} ---\n{text}")
   return 0
@@ -136,7 +148,7 @@ def cmd_compare(args) -> int:
   for wd in args.workdirs:
     path = pathlib.Path(wd) / f"eval_{args.split}.json"
     res = (json.loads(path.read_text()) if path.exists()
-           else likelihood.evaluate_workdir(wd, split=args.split))
+           else likelihood.evaluate_workdir(wd, [f"eval.split={args.split}"]))
     curve = report.read_curve(wd)
     rows.append({"name": f"{pathlib.Path(wd).name} ({res['process']})",
                  "result": res,

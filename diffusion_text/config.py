@@ -4,7 +4,8 @@ A run is fully described by one `Config`. Presets live in `experiments/`
 (one module per paper row, each with a `config()` function). Command-line
 overrides are `key=value` with dotted keys, e.g. `train.steps=200` or
 `process.schedule=cosine` (keys under `process.` other than `name` are the
-process's own options, checked against `make_process`).
+process's own options; run.check_process validates them against the
+process registry, so this module imports no other part of the package).
 """
 
 from __future__ import annotations
@@ -26,9 +27,14 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ProcessConfig:
+  """What defines the model and its bound (part of a workdir's identity).
+
+  Sampling-time settings (temperature, top_p, sampler) are SampleConfig's.
+  """
   name: str = "masked"           # registry name, see processes.names()
   options: dict = dataclasses.field(default_factory=dict)  # process options
-  # (vocab_size is filled in from the tokenizer; never set it here)
+  # (vocab_size is filled in from the tokenizer; never set it here; a
+  # Gaussian process's latent_dim, the embedding width, is one of these)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +43,6 @@ class ModelConfig:
   d_model: int = 256             # residual width
   num_heads: int = 4             # attention heads (d_model % num_heads == 0)
   mlp_ratio: int = 4             # MLP hidden = mlp_ratio * d_model
-  latent_dim: int = 64           # token-embedding width for Gaussian processes
   cond_dim: int = 128            # width of the time embedding fed to adaLN
   dtype: str = "float32"         # compute dtype: float32 or bfloat16
   remat: bool = False            # rematerialise each block in the backward pass
@@ -85,6 +90,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
+  """`diffusion-text eval` settings; its flags are shorthand for these."""
   split: str = "test"            # train | valid | test
   mc_samples: int = 1            # Monte-Carlo time samples per block
   max_blocks: int = 0            # evaluate at most this many blocks (0: all)
@@ -95,6 +101,8 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
+  """`diffusion-text sample` settings; its flags are shorthand for these."""
+  sampler: str = "default"       # sampler variant (process default: "default")
   num: int = 4                   # sequences to draw
   steps: int = 0                 # reverse steps (0: the process default)
   length: int = 0                # tokens per sample (0: data.seq_len)
@@ -222,17 +230,10 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 
 def validate(cfg: Config) -> None:
-  """Checks that need no data; raise ConfigError naming the fix."""
-  from diffusion_text import processes  # local: keeps config import light
-  if cfg.process.name not in processes.names():
-    raise ConfigError(f"unknown process {cfg.process.name!r} (process.name); "
-                      f"choose one of: {', '.join(processes.names())}")
-  valid = set(processes.option_names(cfg.process.name)) - {"vocab_size"}
-  unknown = sorted(set(cfg.process.options) - valid)
-  if unknown:
-    raise ConfigError(
-        f"unknown option(s) {unknown} for process {cfg.process.name!r}; "
-        f"valid: {', '.join(sorted(valid))}")
+  """Checks that need no data; raise ConfigError naming the fix.
+
+  Process options are checked by run.check_process (it knows the processes).
+  """
   m = cfg.model
   if m.d_model % m.num_heads:
     raise ConfigError(f"model.d_model={m.d_model} is not divisible by "
@@ -247,6 +248,15 @@ def validate(cfg: Config) -> None:
   if cfg.eval.split not in ("train", "valid", "test"):
     raise ConfigError(f"eval.split must be train, valid or test, not "
                       f"{cfg.eval.split!r}")
+  if cfg.eval.mc_samples < 1 or cfg.eval.batch_size < 1:
+    raise ConfigError("eval.mc_samples and eval.batch_size must be >= 1")
+  s = cfg.sample
+  if s.num < 1 or s.steps < 0 or s.length < 0:
+    raise ConfigError("sample.num must be >= 1, sample.steps and "
+                      "sample.length >= 0 (0: the default)")
+  if s.temperature < 0 or not 0.0 < s.top_p <= 1.0:
+    raise ConfigError(f"sample.temperature must be >= 0 and sample.top_p in "
+                      f"(0, 1], not {s.temperature} and {s.top_p}")
 
 
 # ------------------------------------------------------------------- presets

@@ -66,11 +66,9 @@ def main(argv=None) -> int:
     curve = report.read_curve(workdir)
     curves[name] = curve
     wall = curve[-1]["elapsed_s"] if curve else time.time() - t0
-    result = likelihood.evaluate_workdir(
-        workdir, split=cfg.eval.split, mc_samples=cfg.eval.mc_samples,
-        batch_size=cfg.eval.batch_size, log=say)
-    texts[name] = samples.sample_workdir(
-        workdir, num=cfg.sample.num, length=cfg.sample.length, log=say)
+    # Evaluation and samples follow the eval/sample sections of the config.
+    result = likelihood.evaluate_workdir(workdir, log=say)
+    texts[name] = samples.sample_workdir(workdir, log=say)
     rows.append({"name": name, "result": result,
                  "tokens_seen": summary["step"] * cfg.data.batch_size * cfg.data.seq_len,
                  "wall_s": wall})

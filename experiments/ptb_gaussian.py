@@ -11,4 +11,4 @@ from experiments._base import ptb_word
 
 
 def config():
-  return ptb_word("gaussian")
+  return ptb_word("gaussian", latent_dim=32)

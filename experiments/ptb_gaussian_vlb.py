@@ -13,6 +13,6 @@ from experiments._base import ptb_word
 
 
 def config():
-  cfg = ptb_word("gaussian_vlb")
+  cfg = ptb_word("gaussian_vlb", latent_dim=32)
   # One continuous time per block gives a noisy (if unbiased) bound: average 4.
   return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, mc_samples=4))

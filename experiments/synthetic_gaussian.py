@@ -10,4 +10,4 @@ from experiments._base import synthetic
 
 
 def config():
-  return synthetic("gaussian")
+  return synthetic("gaussian", latent_dim=8)

@@ -10,4 +10,4 @@ from experiments._base import synthetic
 
 
 def config():
-  return synthetic("gaussian_vlb")
+  return synthetic("gaussian_vlb", latent_dim=8)

@@ -38,3 +38,13 @@ def test_sharded_diffusion_step_matches_one_device(results):
   for mode in ("8", "fsdp"):
     assert abs(r[f"loss_{mode}"] - r["loss_1"]) < 1e-5, (mode, r)
     assert r[f"param_diff_{mode}"] < 1e-5, (mode, r)
+
+
+def test_sharded_evaluation_matches_one_device(results):
+  # 13 blocks: the second batch of 5 is padded to 8 rows and still counted
+  # as 5 blocks; its bound is the same on 1, 8 and 2x4 devices.
+  for name in ("ar", "masked"):
+    r = results[name]
+    assert r["eval_blocks"] == 13, r
+    for mode in ("8", "fsdp"):
+      assert r[f"eval_diff_{mode}"] < 1e-5, (name, mode, r)

@@ -35,10 +35,7 @@ def _batch():
 def _numbers(name: str) -> dict:
   cfg = config_lib.apply_overrides(config_lib.load_preset(f"synthetic_{name}"),
                                    ["train.warmup_steps=0", "train.ema_decay=0.9"])
-  options = dict(cfg.process.options)
-  if "latent_dim" in processes.option_names(name):
-    options.setdefault("latent_dim", cfg.model.latent_dim)
-  process = processes.make_process(name, vocab_size=VOCAB, **options)
+  process = processes.make_process(name, vocab_size=VOCAB, **cfg.process.options)
   graphdef, params = nnx.split(build_model(process.model_spec, cfg.model, seed=0))
   tx = step_lib.make_optimizer(cfg.train)
   state = step_lib.init_state(params, tx)

@@ -16,7 +16,7 @@ from diffusion_text.processes.base import ModelSpec
 
 B, L, V, D = 2, 8, 11, 8
 CFG = ModelConfig(num_layers=2, d_model=32, num_heads=2, mlp_ratio=2,
-                  latent_dim=D, cond_dim=16)
+                  cond_dim=16)
 
 
 def perturb(model, seed=1, scale=0.2):

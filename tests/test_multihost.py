@@ -25,7 +25,7 @@ import numpy as np
 import jax
 import pytest
 
-from diffusion_text import train
+from diffusion_text import run as run_lib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SETTINGS = ["train.steps=4", "train.log_every=1", "train.checkpoint_every=2"]
@@ -94,10 +94,9 @@ def _rows(workdir):
 
 
 def _params(workdir):
-  cfg = train.load_config(workdir)
-  run = train.setup(cfg, workdir, log=lambda m: None)
-  raw, step = train.restore_params(run, workdir, use_ema=False)
-  ema, _ = train.restore_params(run, workdir, use_ema=True)
+  run = run_lib.setup(run_lib.load_config(workdir), workdir, log=lambda m: None)
+  raw, step = run_lib.restore_params(run, workdir, use_ema=False)
+  ema, _ = run_lib.restore_params(run, workdir, use_ema=True)
   return step, jax.device_get(raw), jax.device_get(ema)
 
 

@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 from diffusion_text import config as config_lib, processes, sampling
-from diffusion_text import step as step_lib, train
+from diffusion_text import run as run_lib, step as step_lib
 from diffusion_text.data import pipeline
 from diffusion_text.eval import likelihood
 from diffusion_text.models import as_denoiser, build_model
@@ -53,7 +53,7 @@ def _trained(name: str):
       config_lib.load_preset(f"synthetic_{name}"),
       [f"train.steps={steps}", "train.warmup_steps=20"])
   prepared = pipeline.prepare(cfg)
-  run_process = train.build_process(cfg, prepared.vocab_size)
+  run_process = run_lib.build_process(cfg, prepared.vocab_size)
   model = build_model(run_process.model_spec, cfg.model, seed=0)
   graphdef, params = nnx.split(model)
   tx = step_lib.make_optimizer(cfg.train)

@@ -92,12 +92,42 @@ def test_interrupt_and_resume_reproduce_the_uninterrupted_run(tmp_path):
     assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6)
 
 
-def test_workdir_refuses_another_config(tmp_path):
+def test_workdir_refuses_another_config(tmp_path, capsys):
   wd = tmp_path / "run"
-  train.train(_cfg("ar", ["train.steps=2"]), wd, log=lambda m: None)
+  seen = []
+  hook = lambda step, state, row: seen.append((step, int(state.step), row))
+  train.train(_cfg("ar", ["train.steps=2", "train.log_every=1"]), wd,
+              log=lambda m: None, hooks=[hook])
+  # Hooks see every logged row, after it was written, with the live state.
+  assert [s for s, _, _ in seen] == [1, 2]
+  assert [r for _, _, r in seen] == _rows(wd)
+  assert all(state_step >= step for step, state_step, _ in seen)
   with pytest.raises(config_lib.ConfigError, match="model.d_model"):
     train.train(_cfg("ar", ["train.steps=2", "model.d_model=64"]), wd,
                 log=lambda m: None)
   # Extending training on the same workdir is allowed.
-  summary = train.train(_cfg("ar", ["train.steps=4"]), wd, log=lambda m: None)
-  assert summary["step"] == 4
+  summary = train.train(_cfg("ar", ["train.steps=3"]), wd, log=lambda m: None)
+  assert summary["step"] == 3
+  # Sampling and evaluation settings are not the run's identity: a changed
+  # sample.temperature on the command line resumes the same workdir.
+  assert cli.main(["train", "--workdir", str(wd), "--set", "train.steps=4",
+                   "--set", "sample.temperature=0.9"]) == 0
+  assert "resuming" in capsys.readouterr().out
+  saved = json.loads((wd / "config.json").read_text())
+  assert saved["sample"]["temperature"] == 0.9 and saved["train"]["steps"] == 4
+
+
+def test_eval_and_sample_flags_are_config_shorthand():
+  parse = lambda argv: cli._with_shorthand(cli._parser().parse_args(argv))
+  assert parse(["sample", "--workdir", "w", "--temperature", "0.9",
+                "--top-p", "0.5", "--sampler", "ddim", "--num", "3",
+                "--no-ema"]) == [
+      "sample.num=3", "sample.temperature=0.9", "sample.top_p=0.5",
+      "sample.sampler=ddim", "eval.use_ema=false"]
+  # flags come after --set, so the flag wins when both are given
+  assert parse(["eval", "--workdir", "w", "--set", "eval.split=valid",
+                "--split", "train", "--mc-samples", "4"]) == [
+      "eval.split=valid", "eval.split=train", "eval.mc_samples=4"]
+  cfg = config_lib.apply_overrides(_cfg("ar"), parse(
+      ["eval", "--workdir", "w", "--split", "valid", "--batch-size", "8"]))
+  assert (cfg.eval.split, cfg.eval.batch_size) == ("valid", 8)

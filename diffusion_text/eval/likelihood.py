@@ -13,15 +13,19 @@ Bits and perplexity are derived here and nowhere else.
 from __future__ import annotations
 
 import functools
+import json
 import math
+import pathlib
+import subprocess
 import time
 from typing import Callable, Iterable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from diffusion_text import config as config_lib, run as run_lib, sharding
 from diffusion_text import step as step_lib
+from diffusion_text.data import pipeline
 
 LN2 = math.log(2.0)
 
@@ -54,28 +58,52 @@ def summarize(nats_b: np.ndarray, tokens_b: np.ndarray,
   }
 
 
+def make_bound_fn(process, graphdef, params, mesh):
+  """The bound step jitted over `mesh`, as in training: batch split over the
+  data axes, params replicated or fsdp-sharded by the same rules."""
+  fn = jax.jit(functools.partial(step_lib.bound_step, graphdef=graphdef,
+                                 process=process),
+               in_shardings=(sharding.state_shardings(params, mesh),
+                             sharding.batch_sharding(mesh),
+                             sharding.replicated(mesh)),
+               out_shardings=sharding.replicated(mesh))
+  return fn, jax.device_put(params, sharding.state_shardings(params, mesh))
+
+
 def evaluate(process, graphdef, params, batches: Iterable[dict],
              mc_samples: int = 1, seed: int = 0,
              log: Callable[[str], None] = print,
-             total_batches: int | None = None) -> dict:
-  """Bound over every block of `batches` ({'tokens', 'mask'} dicts)."""
-  fn = jax.jit(functools.partial(step_lib.bound_step, graphdef=graphdef,
-                                 process=process))
+             total_batches: int | None = None, mesh=None,
+             batch_size: int = 0) -> dict:
+  """Bound over every block of `batches` ({'tokens', 'mask'} dicts).
+
+  Runs on `mesh` (default: every device). Every batch is padded with
+  masked-out rows to one shape, `batch_size` (default: the first batch's)
+  rounded up to the mesh's device count, so it compiles once; padded rows
+  are dropped, and a batch's figures depend only on that padded shape, not
+  on how many devices share it.
+  """
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  fn, params = make_bound_fn(process, graphdef, params, mesh)
   key = jax.random.key(seed)
   nats, tokens, terms = [], [], {}
   t0 = time.time()
   for i, batch in enumerate(batches):
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    batch_size = batch_size or len(batch["mask"])
+    rows = len(batch["mask"])
+    batch, _ = sharding.pad_batch(batch, batch_size)
+    batch, _ = sharding.pad_batch(batch, sharding.batch_devices(mesh))
+    batch = jax.device_put(batch, sharding.batch_sharding(mesh))
     acc_nats, acc_terms = 0.0, {}
     for k in range(mc_samples):
       b_nats, b_terms = fn(params, batch, jax.random.fold_in(key, i * mc_samples + k))
       acc_nats = acc_nats + b_nats
       for name, v in b_terms.items():
         acc_terms[name] = acc_terms.get(name, 0.0) + v
-    nats.append(np.asarray(acc_nats) / mc_samples)
-    tokens.append(np.asarray(batch["mask"]).sum(-1))
+    nats.append(np.asarray(acc_nats)[:rows] / mc_samples)
+    tokens.append(np.asarray(batch["mask"])[:rows].sum(-1))
     for name, v in acc_terms.items():
-      terms.setdefault(name, []).append(np.asarray(v) / mc_samples)
+      terms.setdefault(name, []).append(np.asarray(v)[:rows] / mc_samples)
     if total_batches and (i + 1) % max(total_batches // 5, 1) == 0:
       log(f"[eval] {i + 1}/{total_batches} batches ({time.time() - t0:.0f}s)")
   result = summarize(np.concatenate(nats), np.concatenate(tokens),
@@ -94,44 +122,41 @@ def format_result(name: str, r: dict) -> str:
           f"K={r['mc_samples']}]")
 
 
-def evaluate_workdir(workdir, split: str = "test", mc_samples: int = 1,
-                     max_blocks: int = 0, batch_size: int = 32,
-                     use_ema: bool = True, seed: int = 0, overrides=(),
+def evaluate_workdir(workdir, overrides=(),
                      log: Callable[[str], None] = print) -> dict:
-  """Evaluate the checkpoint of a training workdir on one split."""
-  import json
-  import pathlib
-  from diffusion_text import config as config_lib, train
-  from diffusion_text.data import pipeline
+  """Evaluate the checkpoint of a training workdir with its `eval` settings.
 
+  `overrides` (key=value strings, e.g. eval.split=valid) apply on top of the
+  workdir's config.json, which is read once.
+  """
   workdir = pathlib.Path(workdir)
-  cfg = config_lib.apply_overrides(train.load_config(workdir), list(overrides))
-  run = train.setup(cfg, workdir, log)
-  params, step = train.restore_params(run, workdir, use_ema=use_ema)
-  n_blocks = len(run.prepared.blocks(split))
-  if max_blocks:
-    n_blocks = min(n_blocks, max_blocks)
-  total = -(-n_blocks // batch_size)
-  log(f"[eval] {split}: {n_blocks} blocks of {cfg.data.seq_len} tokens, "
-      f"K={mc_samples} Monte-Carlo samples, step {step}"
-      + (" (EMA)" if use_ema else ""))
-  batches = pipeline.eval_batches(run.prepared, split, batch_size, max_blocks)
-  result = evaluate(run.process, run.graphdef, params, batches, mc_samples,
-                    seed, log, total_batches=total)
+  run, params, step = run_lib.open_workdir(workdir, overrides, log)
+  cfg, ev = run.cfg, run.cfg.eval
+  n_blocks = len(run.prepared.blocks(ev.split))
+  if ev.max_blocks:
+    n_blocks = min(n_blocks, ev.max_blocks)
+  total = -(-n_blocks // ev.batch_size)
+  log(f"[eval] {ev.split}: {n_blocks} blocks of {cfg.data.seq_len} tokens, "
+      f"K={ev.mc_samples} Monte-Carlo samples, step {step}"
+      + (" (EMA)" if ev.use_ema else ""))
+  batches = pipeline.eval_batches(run.prepared, ev.split, ev.batch_size,
+                                  ev.max_blocks)
+  result = evaluate(run.process, run.graphdef, params, batches, ev.mc_samples,
+                    ev.seed, log, total_batches=total,
+                    mesh=sharding.mesh_from_config(cfg.train),
+                    batch_size=ev.batch_size)
   result.update({
-      "split": split, "process": cfg.process.name, "step": step,
-      "ema": use_ema, "config": config_lib.to_dict(cfg),
+      "split": ev.split, "process": cfg.process.name, "step": step,
+      "ema": ev.use_ema, "config": config_lib.to_dict(cfg),
       "data": run.prepared.provenance(), "commit": _git_commit()})
-  out = workdir / f"eval_{split}.json"
+  out = workdir / f"eval_{ev.split}.json"
   out.write_text(json.dumps(result, indent=2, default=str))
-  log(format_result(f"{cfg.name} [{cfg.process.name}] {split}", result))
+  log(format_result(f"{cfg.name} [{cfg.process.name}] {ev.split}", result))
   log(f"[eval] written {out}")
   return result
 
 
 def _git_commit() -> str:
-  import pathlib
-  import subprocess
   try:
     return subprocess.run(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True,

@@ -1,52 +1,70 @@
-"""Draw text samples from a trained workdir through the one sampling loop."""
+"""Draw text samples from a trained workdir through the one sampling loop.
+
+Every setting comes from the workdir's `sample` config section (the CLI's
+flags are shorthand for `--set sample.KEY=VALUE`); the sampler receives
+them as one `processes.SamplingOptions`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from typing import Callable, Optional
 
 import jax
 from flax import nnx
 
-from diffusion_text import sampling
+from diffusion_text import processes, run as run_lib, sampling
+from diffusion_text.config import SampleConfig
 from diffusion_text.models import as_denoiser
 
 
-def with_sampling_options(process, **options):
-  """The process with sampling-only fields replaced (temperature, ...)."""
+def sampling_options(sc: SampleConfig):
+  """The sampler's options from the `sample` config section."""
+  return processes.SamplingOptions(sampler=sc.sampler,
+                                   temperature=sc.temperature, top_p=sc.top_p)
+
+
+def _legacy_process(process, sc: SampleConfig):
+  """Before processes.SamplingOptions: the settings were process fields.
+  (Delete once SamplingOptions is in processes/base.py.)"""
+  given = {k: v for k, v in (("sampler", sc.sampler),
+                             ("temperature", sc.temperature),
+                             ("top_p", sc.top_p))
+           if v != getattr(SampleConfig, k)}
   fields = {f.name for f in dataclasses.fields(process)}
-  given = {k: v for k, v in options.items() if v is not None}
   unknown = sorted(set(given) - fields)
   if unknown:
-    raise ValueError(
-        f"process {type(process).__name__} has no sampling option(s) "
-        f"{unknown}; its options: {', '.join(sorted(fields - {'vocab_size'}))}")
+    raise ValueError(f"process {type(process).__name__} has no sampling "
+                     f"option(s) {unknown}")
   return dataclasses.replace(process, **given) if given else process
 
 
-def sample_workdir(workdir, num: int = 4, steps: int = 0, length: int = 0,
-                   seed: int = 0, prompt: Optional[str] = None,
-                   infill: Optional[str] = None, use_ema: bool = True,
-                   options: Optional[dict] = None,
+def make_sampler(process, graphdef, sc: SampleConfig, length: int):
+  """The jitted sampler `fn(key, params, *cond) -> ids [num, length]`."""
+  build = lambda p: as_denoiser(nnx.merge(graphdef, p))
+  steps = sc.steps or None
+  if not hasattr(processes, "SamplingOptions"):
+    return sampling.make_sampler(_legacy_process(process, sc), sc.num, length,
+                                 steps, build_denoiser=build)
+  return sampling.make_sampler(process, sc.num, length, steps, build,
+                               options=sampling_options(sc))
+
+
+def sample_workdir(workdir, overrides=(), prompt: Optional[str] = None,
+                   infill: Optional[str] = None,
                    log: Callable[[str], None] = print) -> list[str]:
-  from diffusion_text import train
-  workdir = pathlib.Path(workdir)
-  cfg = train.load_config(workdir)
-  run = train.setup(cfg, workdir, log)
-  params, step = train.restore_params(run, workdir, use_ema=use_ema)
-  process = with_sampling_options(run.process, **(options or {}))
-  length = length or cfg.data.seq_len
-  tok = run.prepared.tokenizer
+  """`sample.num` texts from a trained workdir (config read once)."""
   if prompt is not None and infill is not None:
     raise ValueError("use either --prompt or --infill, not both")
+  run, params, _ = run_lib.open_workdir(workdir, overrides, log)
+  sc = run.cfg.sample
+  length = sc.length or run.cfg.data.seq_len
+  tok = run.prepared.tokenizer
   cond = ()
   if prompt is not None:
     cond = sampling.prompt_condition(tok, prompt, length)
   elif infill is not None:
     cond = sampling.infill_condition(tok, infill, length)
-  fn = sampling.make_sampler(
-      process, num, length, steps or None,
-      build_denoiser=lambda p: as_denoiser(nnx.merge(run.graphdef, p)))
-  ids = jax.device_get(fn(jax.random.key(seed), params, *cond))
+  fn = make_sampler(run.process, run.graphdef, sc, length)
+  ids = jax.device_get(fn(jax.random.key(sc.seed), params, *cond))
   return [tok.decode([int(i) for i in row]) for row in ids]

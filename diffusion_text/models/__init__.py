@@ -17,11 +17,7 @@ from diffusion_text.processes.base import Denoiser, ModelSpec
 
 
 def build_model(spec: ModelSpec, cfg: ModelConfig, seed: int) -> Transformer:
-  """The backbone `spec` asks for, sized by `cfg`, initialised from `seed`.
-
-  A missing `spec.latent_dim` (latent stem or embedding table) is taken from
-  `cfg.latent_dim`.
-  """
+  """The backbone `spec` asks for, sized by `cfg`, initialised from `seed`."""
   return Transformer(spec, cfg, rngs=nnx.Rngs(params=seed))
 
 

@@ -19,7 +19,6 @@ plain parameter pytree for `jax.jit`.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import jax
@@ -64,8 +63,6 @@ class Transformer(nnx.Module):
   """Denoiser backbone; see the module docstring. Build with `build_model`."""
 
   def __init__(self, spec: ModelSpec, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    if spec.latent_dim is None and (spec.input == "latents" or spec.embed_vocab):
-      spec = dataclasses.replace(spec, latent_dim=cfg.latent_dim)
     _check(spec, cfg)
     self.spec, self.cfg = spec, cfg
     self.dtype = _DTYPES[cfg.dtype]
@@ -197,6 +194,9 @@ def _check(spec: ModelSpec, cfg: ModelConfig) -> None:
   if spec.output not in ("logits", "vector"):
     raise ValueError(f"ModelSpec.output must be 'logits' or 'vector', "
                      f"not {spec.output!r}")
+  if spec.latent_dim is None and (spec.input == "latents" or spec.embed_vocab):
+    raise ValueError("a latent stem or embedding table needs "
+                     "ModelSpec.latent_dim (the process owns it)")
   if spec.input == "tokens" and not spec.input_vocab:
     raise ValueError("ModelSpec.input='tokens' needs input_vocab")
   if cfg.dtype not in _DTYPES:

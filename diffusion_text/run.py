@@ -1,0 +1,164 @@
+"""A run built from a config or a workdir: data, process, model, parameters.
+
+Everything the loop (train.py), the evaluator (eval/) and the sampler need
+before their first step lives here, so none of them imports another:
+  - `load_config` reads a workdir's config.json (once per command);
+  - `check_process` validates the process and its options, the one place
+    that does, before anything is written;
+  - `check_workdir` refuses to mix runs: a workdir's identity is its
+    process, model and data sections (minus data locations);
+  - `setup` prepares data, builds the process and the model;
+  - `restore_params` loads the trained (EMA) parameters of a workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+from typing import Callable, Optional
+
+from flax import nnx
+
+from diffusion_text import config as config_lib, processes, step as step_lib
+from diffusion_text.checkpoint import Checkpointer
+from diffusion_text.data import pipeline, tokenizers
+from diffusion_text.models import build_model, count_params
+
+# Sections that define what a checkpoint is; the rest (steps, logging, eval,
+# sampling, data locations) may change between runs on the same workdir.
+IDENTITY_KEYS = ("process", "model", "data")
+_FREE_DATA_KEYS = ("data_dir", "cache_dir")
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything built from a config: data, process, model graph and params."""
+  cfg: config_lib.Config
+  prepared: pipeline.Prepared
+  process: processes.Process
+  graphdef: nnx.GraphDef
+  params: nnx.State
+
+  @property
+  def fingerprint(self) -> str:
+    return run_fingerprint(self.cfg, self.prepared.tokenizer)
+
+
+def identity(cfg: config_lib.Config) -> dict:
+  """The config sections a checkpoint depends on."""
+  d = config_lib.to_dict(cfg)
+  out = {k: d[k] for k in IDENTITY_KEYS}
+  out["data"] = {k: v for k, v in out["data"].items() if k not in _FREE_DATA_KEYS}
+  return out
+
+
+def run_fingerprint(cfg: config_lib.Config, tokenizer) -> str:
+  blob = json.dumps({"identity": identity(cfg),
+                     "tokenizer": tokenizer.fingerprint()}, sort_keys=True,
+                    default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_process(cfg: config_lib.Config) -> None:
+  """Process name and options are valid (the one place they are checked)."""
+  name, options = cfg.process.name, dict(cfg.process.options)
+  if name not in processes.names():
+    raise config_lib.ConfigError(
+        f"unknown process {name!r} (process.name); choose one of: "
+        f"{', '.join(processes.names())}")
+  if "vocab_size" in options:
+    raise config_lib.ConfigError(
+        "process.vocab_size comes from the tokenizer; drop that --set")
+  check = getattr(processes, "check_options", None)
+  if check is not None:
+    try:
+      check(name, options)
+    except ValueError as e:
+      raise config_lib.ConfigError(f"{e} (process.KEY=VALUE)") from None
+    return
+  # Until processes.check_options exists: option names only.
+  valid = set(processes.option_names(name)) - {"vocab_size"}
+  unknown = sorted(set(options) - valid)
+  if unknown:
+    raise config_lib.ConfigError(
+        f"unknown option(s) {unknown} for process {name!r}; "
+        f"valid: {', '.join(sorted(valid))}")
+
+
+def build_process(cfg: config_lib.Config, vocab_size: int) -> processes.Process:
+  try:
+    return processes.make_process(cfg.process.name, vocab_size=vocab_size,
+                                  **cfg.process.options)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"{e} (process.KEY=VALUE)") from None
+
+
+def setup(cfg: config_lib.Config, workdir: Optional[pathlib.Path] = None,
+          log: Callable[[str], None] = print) -> Run:
+  """Prepare data (reusing the workdir's tokenizer), process and model."""
+  check_process(cfg)
+  tokenizer = None
+  if workdir is not None and (workdir / "tokenizer.json").exists():
+    tokenizer = tokenizers.tokenizer_from_json(
+        json.loads((workdir / "tokenizer.json").read_text()))
+  prepared = pipeline.prepare(cfg, tokenizer=tokenizer)
+  process = build_process(cfg, prepared.vocab_size)
+  model = build_model(process.model_spec, cfg.model, seed=cfg.train.seed)
+  graphdef, params = nnx.split(model)
+  log(f"[setup] {cfg.process.name} on {cfg.data.source}/{cfg.data.tokenizer}: "
+      f"vocab {prepared.vocab_size:,}, {count_params(model):,} parameters, "
+      f"seq_len {cfg.data.seq_len}")
+  return Run(cfg, prepared, process, graphdef, params)
+
+
+def check_workdir(cfg: config_lib.Config, workdir: pathlib.Path) -> None:
+  """Refuse to mix runs: a workdir belongs to one data/model/process config."""
+  path = workdir / "config.json"
+  if not path.exists():
+    return
+  old, new = identity(load_config(workdir)), identity(cfg)
+  diffs = [f"{sec}.{k}: {old[sec].get(k)!r} -> {new[sec].get(k)!r}"
+           for sec in IDENTITY_KEYS
+           for k in sorted(set(old[sec]) | set(new[sec]))
+           if old[sec].get(k) != new[sec].get(k)]
+  if diffs:
+    raise config_lib.ConfigError(
+        f"{workdir} holds a run with a different config ({'; '.join(diffs)}); "
+        "use a new --workdir, or drop the conflicting --set overrides")
+
+
+def load_config(workdir: pathlib.Path, overrides=()) -> config_lib.Config:
+  """A workdir's config.json with `overrides` (key=value strings) applied."""
+  path = pathlib.Path(workdir) / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{workdir} has no config.json: is it a training "
+                            "workdir? (create one with `diffusion-text train`)")
+  cfg = config_lib.from_dict(json.loads(path.read_text()))
+  return config_lib.apply_overrides(cfg, list(overrides))
+
+
+def restore_params(run: Run, workdir: pathlib.Path, use_ema: bool = True):
+  """The trained (EMA) parameters of a workdir, checked against its config."""
+  tx = step_lib.make_optimizer(run.cfg.train)
+  target = step_lib.init_state(run.params, tx)
+  ckpt = Checkpointer(workdir)
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(f"{workdir} has no checkpoint; train it first "
+                            f"(diffusion-text train --workdir {workdir} ...)")
+  state, meta = ckpt.restore(target, expect={"fingerprint": run.fingerprint})
+  ckpt.close()
+  return (state.ema if use_ema else state.params), int(meta["step"])
+
+
+def open_workdir(workdir, overrides=(), log: Callable[[str], None] = print):
+  """(run, params, step) of a trained workdir; config.json is read once.
+
+  The parameters are the EMA ones unless `eval.use_ema=false` (evaluation
+  and sampling read a workdir the same way).
+  """
+  workdir = pathlib.Path(workdir)
+  run = setup(load_config(workdir, overrides), workdir, log)
+  params, step = restore_params(run, workdir, use_ema=run.cfg.eval.use_ema)
+  return run, params, step
