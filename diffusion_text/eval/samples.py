@@ -11,18 +11,21 @@ from flax import nnx
 
 from diffusion_text import sampling
 from diffusion_text.models import as_denoiser
+from diffusion_text.processes import SamplingOptions
 
 
-def with_sampling_options(process, **options):
-  """The process with sampling-only fields replaced (temperature, ...)."""
-  fields = {f.name for f in dataclasses.fields(process)}
+def with_sampling_options(process, **options) -> SamplingOptions:
+  """The SamplingOptions from the given (non-None) sampler, temperature,
+  top_p, checked against what `process` supports."""
+  fields = {f.name for f in dataclasses.fields(SamplingOptions)}
   given = {k: v for k, v in options.items() if v is not None}
   unknown = sorted(set(given) - fields)
   if unknown:
-    raise ValueError(
-        f"process {type(process).__name__} has no sampling option(s) "
-        f"{unknown}; its options: {', '.join(sorted(fields - {'vocab_size'}))}")
-  return dataclasses.replace(process, **given) if given else process
+    raise ValueError(f"unknown sampling option(s) {unknown}; valid: "
+                     f"{', '.join(sorted(fields))}")
+  sampling_options = SamplingOptions(**given)
+  process.sampler(sampling_options)
+  return sampling_options
 
 
 def sample_workdir(workdir, num: int = 4, steps: int = 0, length: int = 0,
@@ -35,7 +38,8 @@ def sample_workdir(workdir, num: int = 4, steps: int = 0, length: int = 0,
   cfg = train.load_config(workdir)
   run = train.setup(cfg, workdir, log)
   params, step = train.restore_params(run, workdir, use_ema=use_ema)
-  process = with_sampling_options(run.process, **(options or {}))
+  process = run.process
+  sampling_options = with_sampling_options(process, **(options or {}))
   length = length or cfg.data.seq_len
   tok = run.prepared.tokenizer
   if prompt is not None and infill is not None:
@@ -47,6 +51,7 @@ def sample_workdir(workdir, num: int = 4, steps: int = 0, length: int = 0,
     cond = sampling.infill_condition(tok, infill, length)
   fn = sampling.make_sampler(
       process, num, length, steps or None,
-      build_denoiser=lambda p: as_denoiser(nnx.merge(run.graphdef, p)))
+      build_denoiser=lambda p: as_denoiser(nnx.merge(run.graphdef, p)),
+      options=sampling_options)
   ids = jax.device_get(fn(jax.random.key(seed), params, *cond))
   return [tok.decode([int(i) for i in row]) for row in ids]
