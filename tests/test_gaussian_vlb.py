@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from diffusion_text import sampling
-from diffusion_text.processes import Denoiser, make_process
+from diffusion_text.processes import Denoiser, SamplingOptions, make_process
 from diffusion_text.processes.gaussian_vlb import (GaussianVLBProcess,
                                                    alpha_sigma)
+from tests.helpers import constant_logits
 
 V, D, L, B = 3, 4, 8, 64
 PI = np.array([0.6, 0.3, 0.1])
@@ -31,19 +32,11 @@ def _embed(ids):
   return jnp.take(TABLE_VxD, ids, axis=0)
 
 
-def _const_logits(logp_V):
-  def predict(z_BxLxD, t_B, self_cond=None):
-    del t_B, self_cond
-    return jnp.broadcast_to(jnp.asarray(logp_V, jnp.float32),
-                            (*z_BxLxD.shape[:2], logp_V.shape[-1]))
-  return predict
-
-
 def _oracle(process, pi=PI):
   """Exact p(w | z_t) for i.i.d. data from pi."""
   logpi_V = jnp.log(jnp.asarray(pi, jnp.float32))
   if process.base_logits:
-    return Denoiser(predict=_const_logits(logpi_V), embed=_embed)
+    return constant_logits(logpi_V, embed=_embed)
 
   def predict(z_BxLxD, t_B, self_cond=None):
     del self_cond
@@ -102,7 +95,7 @@ def test_reverse_step_is_the_gaussian_posterior():
   """With x0-hat exact (one-token data) a step samples q(z_s | z_t, x)."""
   p = GaussianVLBProcess(vocab_size=V, latent_dim=D, self_conditioning=False)
   onehot = jnp.log(jnp.array([1.0, 1e-30, 1e-30]))
-  den = Denoiser(predict=_const_logits(onehot), embed=_embed)
+  den = constant_logits(onehot, embed=_embed)
   x = p.embeddings(den)[0]
   t, s = 0.55, 0.5
   z_t = jnp.broadcast_to(jnp.array([0.3, -0.2, 0.1, 0.7]), (B, 16, D))

@@ -29,6 +29,15 @@ _REGISTRY: dict[str, str] = {
 }
 
 
+def register(name: str, target: str) -> None:
+  """Add a process by name, as "module:Class" (imported on first use);
+  a family shipped with the package is a line in `_REGISTRY` instead."""
+  if ":" not in target:
+    raise ValueError(f"register {name!r}: target {target!r} must read "
+                     "'package.module:ClassName'")
+  _REGISTRY[name] = target
+
+
 def names() -> list[str]:
   return list(_REGISTRY)
 
@@ -111,4 +120,4 @@ def make_process(name: str, **options: Any) -> Process:
 
 __all__ = ["Bound", "Denoiser", "LossOutput", "ModelSpec", "Process",
            "SamplingOptions", "check_options", "make_process", "names",
-           "option_names", "process_class"]
+           "option_names", "process_class", "register"]

@@ -166,9 +166,8 @@ class _SEDD(base.Process):
 
   def posterior_probs(self, x_t: Array, x0: Array, s, t) -> Array:
     """q(x_s | x_t, x_0) [..., K] for s < t, by Bayes' rule."""
-    a_s = _expand(self.alpha(s), x0.ndim + 1)
-    a_t = _expand(self.alpha(t), x0.ndim + 1)
-    joint = self.marginal_probs(x0, s) * self.transp_transition(x_t, a_t / a_s)
+    beta = self.alpha(t) / self.alpha(s)
+    joint = self.marginal_probs(x0, s) * self.transp_transition(x_t, beta)
     return joint / jnp.sum(joint, axis=-1, keepdims=True)
 
   # ---- training ------------------------------------------------------------
