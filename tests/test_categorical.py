@@ -258,3 +258,15 @@ def test_absorbing_step_to_zero_unmasks_everything():
   unmasked = np.asarray(x_t) != V
   np.testing.assert_array_equal(np.asarray(x0)[unmasked],
                                 np.asarray(x_t)[unmasked])
+
+
+def test_temperature_zero_unmasks_to_the_mode():
+  process = make_process("d3pm_absorbing", vocab_size=V, num_steps=T_BOUND)
+  logits_V = jnp.arange(V, dtype=jnp.float32) % 3  # mode: the first 2
+  x_t = jnp.full((2, 16), V, jnp.int32)
+  x0 = process.reverse_step(jax.random.PRNGKey(0), constant_logits(logits_V),
+                            x_t, jnp.float32(1.0), jnp.float32(0.0),
+                            SamplingOptions(temperature=0.0))
+  np.testing.assert_array_equal(x0, 2)
+  with pytest.raises(ValueError, match="top_p"):
+    process.sampler(SamplingOptions(top_p=0.5))

@@ -287,3 +287,23 @@ def test_replacement_conditioning_keeps_fixed_tokens():
   np.testing.assert_allclose(z[:, 0], alpha0 * p.embeddings(_oracle(p))[2]
                              * jnp.ones((B, 1)), rtol=1e-6)
   np.testing.assert_array_equal(z[:, 1], 0.0)
+
+
+def test_sampling_temperature_divides_the_predicted_noise():
+  """PLAID's score temperature: eps-hat / tau, x0 re-derived from it, so the
+  step mean moves by -c alpha_s / alpha_t (z_t - alpha_t x0-hat)(1/tau - 1)."""
+  p = GaussianVLBProcess(vocab_size=V, latent_dim=D)
+  den = _oracle(p)
+  z_t = jax.random.normal(jax.random.key(21), (2, L, D))
+  state = p.init_sampler_state(z_t)
+  key, t, s, tau = jax.random.key(22), 0.6, 0.5, 0.5
+  z_1, x0hat = p.reverse_step_with_state(key, den, z_t, t, s, state)
+  z_tau, _ = p.reverse_step_with_state(key, den, z_t, t, s, state,
+                                       SamplingOptions(temperature=tau))
+  gamma_t, gamma_s = p.gamma(jnp.array([t, s]))
+  alpha_t, alpha_s = alpha_sigma(gamma_t)[0], alpha_sigma(gamma_s)[0]
+  c = -jnp.expm1(gamma_s - gamma_t)
+  expected = -c * alpha_s / alpha_t * (z_t - alpha_t * x0hat) * (1 / tau - 1)
+  np.testing.assert_allclose(z_tau - z_1, expected, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="top_p"):
+    p.sampler(SamplingOptions(top_p=0.9))

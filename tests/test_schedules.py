@@ -3,7 +3,6 @@ against finite differences; derived views (1 - alpha, sigma_bar, sigma)
 against their definitions. Run with and without jit (chex.variants)."""
 
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -135,14 +135,8 @@ class Autoregressive(Process):
     if options.temperature == 0:
       return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     probs_BxV = jax.nn.softmax(logits_BxV / options.temperature, axis=-1)
-    order_BxV = None
     if options.top_p < 1.0:
-      order_BxV = jnp.argsort(-probs_BxV, axis=-1)
-      probs_BxV = jnp.take_along_axis(probs_BxV, order_BxV, axis=-1)
-      # Keep the smallest prefix of the sorted classes whose mass reaches
-      # top_p: a class stays if the mass before it is still below top_p.
-      before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-      probs_BxV = jnp.where(before_BxV < options.top_p, probs_BxV, 0.0)
+      probs_BxV = base.nucleus(probs_BxV, options.top_p)
     cdf_BxV = jnp.cumsum(probs_BxV, axis=-1)
     u_Bx1 = jax.random.uniform(key, (logits_BxV.shape[0], 1)) * cdf_BxV[:, -1:]
     idx_B = jnp.sum(cdf_BxV <= u_Bx1, axis=-1)
@@ -150,10 +144,7 @@ class Autoregressive(Process):
     # has mass rather than step past the end (or onto a truncated class).
     num_classes = logits_BxV.shape[-1]
     last_B = num_classes - 1 - jnp.argmax(probs_BxV[:, ::-1] > 0, axis=-1)
-    idx_B = jnp.minimum(idx_B, last_B)
-    if order_BxV is not None:
-      idx_B = jnp.take_along_axis(order_BxV, idx_B[:, None], axis=-1)[:, 0]
-    return idx_B.astype(jnp.int32)
+    return jnp.minimum(idx_B, last_B).astype(jnp.int32)
 
   def decode(self, denoiser: Denoiser, x0: Array,
              options: SamplingOptions = SamplingOptions()) -> Array:

@@ -70,6 +70,16 @@ def target_nll(denoiser: Denoiser, x_t: Array, t_B: Array,
   return cross_entropy(denoiser.predict(x_t, t_B), target_BxL)
 
 
+def nucleus(probs_BxLxV: Array, top_p: float) -> Array:
+  """Top-p (Holtzman et al. 2020): zero the tail outside the smallest set
+  of classes with mass >= top_p (ties at the threshold are all kept)."""
+  sorted_BxLxV = -jnp.sort(-probs_BxLxV, axis=-1)
+  mass_before = jnp.cumsum(sorted_BxLxV, axis=-1) - sorted_BxLxV
+  count_BxL = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1), 1)
+  threshold = jnp.take_along_axis(sorted_BxLxV, count_BxL[..., None] - 1, -1)
+  return jnp.where(probs_BxLxV >= threshold, probs_BxLxV, 0.0)
+
+
 def bound_as_loss(bound: Bound, mask_BxL: Array) -> LossOutput:
   """The training objective of processes trained on their bound itself
   (masked, SEDD, continuous-time Gaussian): the bound per token."""

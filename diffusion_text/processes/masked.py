@@ -178,7 +178,7 @@ class MaskedProcess(base.Process):
       return jax.nn.one_hot(jnp.argmax(logits_BxLxV, -1), self.vocab_size)
     probs_BxLxV = jax.nn.softmax(logits_BxLxV / options.temperature, axis=-1)
     if options.top_p < 1.0:
-      probs_BxLxV = _nucleus(probs_BxLxV, options.top_p)
+      probs_BxLxV = base.nucleus(probs_BxLxV, options.top_p)
     return probs_BxLxV
 
   def _draw(self, key: Array, probs_BxLxV: Array) -> Array:
@@ -247,16 +247,6 @@ class MaskedProcess(base.Process):
       return jnp.where(x == self.mask_id, x0_BxL, x).astype(jnp.int32)
     x0 = x0.astype(jnp.int32)
     return jax.lax.cond(jnp.any(x0 == self.mask_id), fill, lambda x: x, x0)
-
-
-def _nucleus(probs_BxLxV: Array, top_p: float) -> Array:
-  """Zero the tail outside the smallest set with mass >= top_p (ties at the
-  threshold are all kept)."""
-  sorted_BxLxV = -jnp.sort(-probs_BxLxV, axis=-1)
-  mass_before = jnp.cumsum(sorted_BxLxV, axis=-1) - sorted_BxLxV
-  count_BxL = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1), 1)
-  threshold = jnp.take_along_axis(sorted_BxLxV, count_BxL[..., None] - 1, -1)
-  return jnp.where(probs_BxLxV >= threshold, probs_BxLxV, 0.0)
 
 
 def fine_gumbel(u_a: Array, u_b: Array) -> Array:
