@@ -5,6 +5,8 @@ process of docs/adding_a_process.md registered from a temporary module."""
 import dataclasses
 import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -142,3 +144,18 @@ def test_the_documented_example_process_passes(tmp_path, monkeypatch):
   nats = process.nll_bound(jax.random.key(0), uniform, tokens,
                            jnp.ones_like(tokens)).nats
   np.testing.assert_allclose(nats, L * np.log(V), rtol=1e-6)
+
+
+def test_imports_run_one_way():
+  """Processes never import Flax; models never import processes (both
+  import the contract module)."""
+  code = ("import sys, diffusion_text.processes as P\n"
+          "[P.make_process(n, vocab_size=4) for n in P.names()]\n"
+          "assert 'flax' not in sys.modules, 'processes imported flax'\n")
+  subprocess.run([sys.executable, "-c", code], check=True,
+                 cwd=pathlib.Path(__file__).resolve().parent.parent)
+  code = ("import sys, diffusion_text.models\n"
+          "bad = [m for m in sys.modules if m.startswith('diffusion_text.processes')]\n"
+          "assert not bad, bad\n")
+  subprocess.run([sys.executable, "-c", code], check=True,
+                 cwd=pathlib.Path(__file__).resolve().parent.parent)
