@@ -7,13 +7,17 @@
 The loop is a single `jax.lax.fori_loop`, so a sampler compiles once per
 (process, batch shape, steps). Keys follow the md4 sampler: `fold_in(key, i)`.
 
-Optional sampler-state protocol (e.g. the cached masked sampler, which keeps
-the last prediction to skip network calls): a process that defines
+How to sample (the sampler variant, temperature, top-p) is a
+`SamplingOptions`, separate from the process: the process defines the model
+and its bound, the options only the draw. Each step goes through the
+sampler-state protocol of `Process` (e.g. the cached masked sampler keeps the
+last prediction to skip network calls):
 
-  init_sampler_state(x_T) -> state                      (any pytree)
-  reverse_step_with_state(key, denoiser, x_t, t, s, state) -> (x_s, state)
+  init_sampler_state(x_T, options) -> state                  (any pytree)
+  reverse_step_with_state(key, denoiser, x_t, t, s, state, options)
+      -> (x_s, state)
 
-has them used instead of `reverse_step`; the state rides in the loop carry.
+which by default carries nothing and calls `reverse_step`.
 
 Conditioning (prompts, infilling) is a pair `cond_tokens`, `cond_mask` of
 shape [length] or [num, length]; the process's `impose` sets the positions in
@@ -28,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_text.processes.base import Denoiser, Process
+from diffusion_text.contract import Denoiser
+from diffusion_text.processes.base import Process, SamplingOptions
 
 Array = jax.Array
 
@@ -38,10 +43,12 @@ GAP = "___"  # marks a span to generate in an infilling template
 def sample(key: Array, process: Process, denoiser: Denoiser, num: int,
            length: int, steps: Optional[int] = None,
            cond_tokens: Optional[Array] = None,
-           cond_mask: Optional[Array] = None) -> Array:
+           cond_mask: Optional[Array] = None,
+           options: SamplingOptions = SamplingOptions()) -> Array:
   """Draw `num` sequences of `length` tokens -> int32 [num, length]."""
-  steps = process.num_sampling_steps(steps, length)
-  grid_T = process.time_grid(steps, length)
+  process.sampler(options)  # an unknown sampler fails before tracing
+  steps = process.num_sampling_steps(steps, length, options)
+  grid_T = process.time_grid(steps, length, options)
   prior_key, step_key, impose_key = jax.random.split(key, 3)
   conditioned = cond_tokens is not None
   if conditioned:
@@ -57,44 +64,43 @@ def sample(key: Array, process: Process, denoiser: Denoiser, num: int,
     return process.impose(jax.random.fold_in(impose_key, i), denoiser, x, t,
                           cond_tokens, cond_mask)
 
-  stateful = hasattr(process, "reverse_step_with_state")
   x = impose(0, process.prior(prior_key, (num, length)), grid_T[0])
-  state = process.init_sampler_state(x) if stateful else ()
+  state = process.init_sampler_state(x, options)
 
   def body(i, carry):
     x_t, state = carry
     t, s = grid_T[i], grid_T[i + 1]
     key_i = jax.random.fold_in(step_key, i)
-    if stateful:
-      x_s, state = process.reverse_step_with_state(key_i, denoiser, x_t, t, s,
-                                                   state)
-    else:
-      x_s = process.reverse_step(key_i, denoiser, x_t, t, s)
+    x_s, state = process.reverse_step_with_state(key_i, denoiser, x_t, t, s,
+                                                 state, options)
     return impose(i + 1, x_s, s), state
 
   x, _ = jax.lax.fori_loop(0, steps, body, (x, state))
-  return process.decode(denoiser, x).astype(jnp.int32)
+  return process.decode(denoiser, x, options).astype(jnp.int32)
 
 
 def make_sampler(process: Process, num: int, length: int,
                  steps: Optional[int] = None,
-                 build_denoiser: Optional[Callable[[Any], Denoiser]] = None):
+                 build_denoiser: Optional[Callable[[Any], Denoiser]] = None,
+                 options: SamplingOptions = SamplingOptions()):
   """A jitted `fn(key, params, cond_tokens=None, cond_mask=None) -> ids`.
 
   `build_denoiser(params) -> Denoiser` must be pure; with Flax NNX:
   `lambda p: models.as_denoiser(nnx.merge(graphdef, p))`. Without it,
   `params` must already be a `Denoiser` (then it is a static argument and
-  each new Denoiser object retraces).
+  each new Denoiser object retraces). `options` picks the sampler variant,
+  temperature and top-p; it is checked here, before anything compiles.
   """
+  process.sampler(options)
   if build_denoiser is None:
     def run(key, denoiser, cond_tokens=None, cond_mask=None):
       return sample(key, process, denoiser, num, length, steps,
-                    cond_tokens, cond_mask)
+                    cond_tokens, cond_mask, options)
     return jax.jit(run, static_argnums=1)
 
   def run(key, params, cond_tokens=None, cond_mask=None):
     return sample(key, process, build_denoiser(params), num, length, steps,
-                  cond_tokens, cond_mask)
+                  cond_tokens, cond_mask, options)
   return jax.jit(run)
 
 

@@ -9,8 +9,9 @@ from flax import nnx
 
 from diffusion_text.config import ModelConfig
 from diffusion_text.models import as_denoiser, build_model
-from diffusion_text.processes import make_process
+from diffusion_text.processes import SamplingOptions, make_process
 from diffusion_text.processes.base import Denoiser
+from tests.helpers import constant_logits
 
 V, L = 5, 6
 # Chi-square 99.9% quantiles by degrees of freedom (a 1-in-1000 false alarm).
@@ -36,17 +37,6 @@ def chain_denoiser(pi, trans):
   return Denoiser(predict=predict)
 
 
-def fixed_denoiser(logits_V):
-  """Ignores its input: every position gets the same categorical."""
-  logits_V = jnp.asarray(logits_V, jnp.float32)
-
-  def predict(x_BxL, t_B, self_cond=None):
-    del t_B, self_cond
-    return jnp.broadcast_to(logits_V, x_BxL.shape + logits_V.shape)
-
-  return Denoiser(predict=predict)
-
-
 def exact_nll(pi, trans, tokens, lengths):
   """-log p(x_0 .. x_{n-1}) under the chain, by hand."""
   out = []
@@ -59,7 +49,7 @@ def exact_nll(pi, trans, tokens, lengths):
 
 
 def run_sampler(process, denoiser, key, num, length, cond_tokens=None,
-                cond_mask=None):
+                cond_mask=None, options=SamplingOptions()):
   """prior -> impose -> [reverse_step -> impose] over the time grid."""
   steps = process.num_sampling_steps(None, length)
   grid_T = process.time_grid(steps, length)
@@ -72,7 +62,7 @@ def run_sampler(process, denoiser, key, num, length, cond_tokens=None,
 
   def body(i, x):
     x = process.reverse_step(jax.random.fold_in(step_key, i), denoiser, x,
-                             grid_T[i], grid_T[i + 1])
+                             grid_T[i], grid_T[i + 1], options)
     return impose(x, grid_T[i + 1])
 
   x = impose(process.prior(prior_key, (num, length)), grid_T[0])
@@ -141,7 +131,7 @@ def test_bound_respects_mask():
 
 def test_reverse_step_fills_one_position():
   ar = make_process("ar", vocab_size=V)
-  denoiser = fixed_denoiser(jnp.where(jnp.arange(V) == 3, 0.0, -1e9))
+  denoiser = constant_logits(jnp.where(jnp.arange(V) == 3, 0.0, -1e9))
   grid = ar.time_grid(L, L)
   x = ar.prior(None, (2, L))
   for i in (0, 2, L - 1):
@@ -183,18 +173,20 @@ def test_prefix_clamping_conditions_the_continuation():
 ])
 def test_sample_frequencies_match(options, target):
   probs = np.array([0.4, 0.3, 0.2, 0.1, 0.0])
-  ar = make_process("ar", vocab_size=V, **options)
+  ar = make_process("ar", vocab_size=V)
   with np.errstate(divide="ignore"):
-    denoiser = fixed_denoiser(np.log(probs))
-  x = run_sampler(ar, denoiser, jax.random.key(3), 64, 16)
+    denoiser = constant_logits(np.log(probs))
+  x = run_sampler(ar, denoiser, jax.random.key(3), 64, 16,
+                  options=SamplingOptions(**options))
   stat, dof = chi_square(x, np.asarray(target))
   assert stat < CHI2_999[dof], (stat, np.bincount(np.ravel(x), minlength=V))
 
 
 def test_greedy_temperature_zero():
-  ar = make_process("ar", vocab_size=V, temperature=0.0)
-  x = run_sampler(ar, fixed_denoiser([0.0, 1.0, 3.0, 2.0, -1.0]),
-                  jax.random.key(0), 4, L)
+  ar = make_process("ar", vocab_size=V)
+  x = run_sampler(ar, constant_logits([0.0, 1.0, 3.0, 2.0, -1.0]),
+                  jax.random.key(0), 4, L,
+                  options=SamplingOptions(temperature=0.0))
   np.testing.assert_array_equal(x, 2)
 
 

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_text.processes import Denoiser, make_process, transitions
+from diffusion_text.processes import (Denoiser, SamplingOptions, make_process,
+                                      transitions)
+from tests.helpers import constant_logits
 
 V, T = 6, 8
 NAMES = ["d3pm_uniform", "d3pm_absorbing"]
@@ -121,16 +123,11 @@ def _iid_data():
   return pi, tokens
 
 
-def _constant(logits_V):
-  return Denoiser(predict=lambda x, t: jnp.broadcast_to(logits_V,
-                                                        x.shape + (V,)))
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _bounds(process, logits_V, tokens, mask):
   """nll_bound under a denoiser that always predicts logits_V, many keys."""
   keys = jax.random.split(jax.random.PRNGKey(1), KEYS)
-  bound = jax.vmap(lambda k: process.nll_bound(k, _constant(logits_V), tokens,
+  bound = jax.vmap(lambda k: process.nll_bound(k, constant_logits(logits_V), tokens,
                                                mask))(keys)
   return bound.nats, bound.terms
 
@@ -218,7 +215,7 @@ def test_mask_loss_and_gradients(name):
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
 def _sample(process, logits_V, shape, steps, key):
   """A local ancestral loop over process.time_grid (one fori_loop)."""
-  den = _constant(logits_V)
+  den = constant_logits(logits_V)
   grid = process.time_grid(steps, shape[1])
   prior_key, step_key = jax.random.split(key)
 
@@ -255,9 +252,21 @@ def test_sampler(name):
 def test_absorbing_step_to_zero_unmasks_everything():
   process = make_process("d3pm_absorbing", vocab_size=V, num_steps=T_BOUND)
   x_t = jnp.where(jnp.arange(16) % 3 == 0, V, jnp.arange(16) % V)[None]
-  x0 = process.reverse_step(jax.random.PRNGKey(0), _constant(jnp.zeros(V)),
+  x0 = process.reverse_step(jax.random.PRNGKey(0), constant_logits(jnp.zeros(V)),
                             x_t, jnp.float32(1.0), jnp.float32(0.0))
   assert (x0 != V).all()
   unmasked = np.asarray(x_t) != V
   np.testing.assert_array_equal(np.asarray(x0)[unmasked],
                                 np.asarray(x_t)[unmasked])
+
+
+def test_temperature_zero_unmasks_to_the_mode():
+  process = make_process("d3pm_absorbing", vocab_size=V, num_steps=T_BOUND)
+  logits_V = jnp.arange(V, dtype=jnp.float32) % 3  # mode: the first 2
+  x_t = jnp.full((2, 16), V, jnp.int32)
+  x0 = process.reverse_step(jax.random.PRNGKey(0), constant_logits(logits_V),
+                            x_t, jnp.float32(1.0), jnp.float32(0.0),
+                            SamplingOptions(temperature=0.0))
+  np.testing.assert_array_equal(x0, 2)
+  with pytest.raises(ValueError, match="top_p"):
+    process.sampler(SamplingOptions(top_p=0.5))

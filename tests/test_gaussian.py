@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from diffusion_text.processes import make_process
+from diffusion_text.processes import SamplingOptions, make_process
 from diffusion_text.processes.base import Denoiser
 
 
@@ -46,7 +46,7 @@ def _two_token_denoiser(process, table_VxD):
                   round_logits=lambda x: x @ table_VxD.T)
 
 
-def _sampler(process, denoiser, shape, steps):
+def _sampler(process, denoiser, shape, steps, options=SamplingOptions()):
   """The whole reverse chain as one jitted function of the key."""
   grid = process.time_grid(steps, shape[1])
 
@@ -55,7 +55,7 @@ def _sampler(process, denoiser, shape, steps):
     prior_key, loop_key = jax.random.split(key)
     def body(i, x):
       return process.reverse_step(jax.random.fold_in(loop_key, i), denoiser,
-                                  x, grid[i], grid[i + 1])
+                                  x, grid[i], grid[i + 1], options)
     return jax.lax.fori_loop(0, steps, body, process.prior(prior_key, shape))
   return run
 
@@ -69,8 +69,8 @@ def test_model_spec_and_options():
   assert (spec.input, spec.output, spec.latent_dim, spec.output_dim,
           spec.embed_vocab) == ("latents", "vector", 16, 16, 7)
   hash(p)
-  with pytest.raises(ValueError, match="sampler"):
-    make_process("gaussian", vocab_size=7, sampler="euler")
+  with pytest.raises(ValueError, match="default, ddpm, ddim"):
+    p.sampler(SamplingOptions(sampler="euler"))
   with pytest.raises(ValueError, match="schedule"):
     make_process("gaussian", vocab_size=7, schedule="nope")
   with pytest.raises(ValueError, match="step_proposal"):
@@ -356,9 +356,9 @@ def test_vlb_weight_adds_the_diffusion_estimate():
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_sampler_recovers_gaussian_target(sampler):
   mu, sd = 1.5, 0.5
-  p = _process(sampler=sampler)
+  p = _process()
   sample = _sampler(p, _gaussian_target_denoiser(p, mu, sd), (64, 16),
-                    steps=200)
+                    steps=200, options=SamplingOptions(sampler=sampler))
   x = sample(jax.random.key(8))
   n = x.size
   assert abs(float(x.mean()) - mu) < 4 * sd / math.sqrt(n)

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from diffusion_text import sampling
-from diffusion_text.processes import Denoiser, make_process
+from diffusion_text.processes import Denoiser, SamplingOptions, make_process
 from diffusion_text.processes.gaussian_vlb import (GaussianVLBProcess,
                                                    alpha_sigma)
+from tests.helpers import constant_logits
 
 V, D, L, B = 3, 4, 8, 64
 PI = np.array([0.6, 0.3, 0.1])
@@ -31,19 +32,11 @@ def _embed(ids):
   return jnp.take(TABLE_VxD, ids, axis=0)
 
 
-def _const_logits(logp_V):
-  def predict(z_BxLxD, t_B, self_cond=None):
-    del t_B, self_cond
-    return jnp.broadcast_to(jnp.asarray(logp_V, jnp.float32),
-                            (*z_BxLxD.shape[:2], logp_V.shape[-1]))
-  return predict
-
-
 def _oracle(process, pi=PI):
   """Exact p(w | z_t) for i.i.d. data from pi."""
   logpi_V = jnp.log(jnp.asarray(pi, jnp.float32))
   if process.base_logits:
-    return Denoiser(predict=_const_logits(logpi_V), embed=_embed)
+    return constant_logits(logpi_V, embed=_embed)
 
   def predict(z_BxLxD, t_B, self_cond=None):
     del self_cond
@@ -102,7 +95,7 @@ def test_reverse_step_is_the_gaussian_posterior():
   """With x0-hat exact (one-token data) a step samples q(z_s | z_t, x)."""
   p = GaussianVLBProcess(vocab_size=V, latent_dim=D, self_conditioning=False)
   onehot = jnp.log(jnp.array([1.0, 1e-30, 1e-30]))
-  den = Denoiser(predict=_const_logits(onehot), embed=_embed)
+  den = constant_logits(onehot, embed=_embed)
   x = p.embeddings(den)[0]
   t, s = 0.55, 0.5
   z_t = jnp.broadcast_to(jnp.array([0.3, -0.2, 0.1, 0.7]), (B, 16, D))
@@ -294,3 +287,23 @@ def test_replacement_conditioning_keeps_fixed_tokens():
   np.testing.assert_allclose(z[:, 0], alpha0 * p.embeddings(_oracle(p))[2]
                              * jnp.ones((B, 1)), rtol=1e-6)
   np.testing.assert_array_equal(z[:, 1], 0.0)
+
+
+def test_sampling_temperature_divides_the_predicted_noise():
+  """PLAID's score temperature: eps-hat / tau, x0 re-derived from it, so the
+  step mean moves by -c alpha_s / alpha_t (z_t - alpha_t x0-hat)(1/tau - 1)."""
+  p = GaussianVLBProcess(vocab_size=V, latent_dim=D)
+  den = _oracle(p)
+  z_t = jax.random.normal(jax.random.key(21), (2, L, D))
+  state = p.init_sampler_state(z_t)
+  key, t, s, tau = jax.random.key(22), 0.6, 0.5, 0.5
+  z_1, x0hat = p.reverse_step_with_state(key, den, z_t, t, s, state)
+  z_tau, _ = p.reverse_step_with_state(key, den, z_t, t, s, state,
+                                       SamplingOptions(temperature=tau))
+  gamma_t, gamma_s = p.gamma(jnp.array([t, s]))
+  alpha_t, alpha_s = alpha_sigma(gamma_t)[0], alpha_sigma(gamma_s)[0]
+  c = -jnp.expm1(gamma_s - gamma_t)
+  expected = -c * alpha_s / alpha_t * (z_t - alpha_t * x0hat) * (1 / tau - 1)
+  np.testing.assert_allclose(z_tau - z_1, expected, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="top_p"):
+    p.sampler(SamplingOptions(top_p=0.9))

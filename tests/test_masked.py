@@ -7,23 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_text.processes import Denoiser, make_process
+from diffusion_text.processes import Denoiser, SamplingOptions, make_process
 from diffusion_text.processes.masked import MaskedProcess, fine_gumbel
+from tests.helpers import constant_logits
 
 V, L, B, K = 8, 16, 64, 256
 PI = np.array([0.3, 0.2, 0.15, 0.1, 0.1, 0.08, 0.05, 0.02])
 
 
-def constant_denoiser(logits_V):
-  """Predicts the same x0 logits at every position, whatever x_t and t."""
-  logits_V = jnp.asarray(logits_V, jnp.float32)
-  return Denoiser(predict=lambda x, t, self_cond=None: jnp.broadcast_to(
-      logits_V, x.shape + (logits_V.shape[-1],)))
-
-
 def bound_over_keys(process, logits_V, tokens, mask):
   """Per-sequence bounds [K, B] for K independent keys (one compile)."""
-  den = constant_denoiser(logits_V)
+  den = constant_logits(logits_V)
   fn = jax.jit(jax.vmap(
       lambda k: process.nll_bound(k, den, tokens, mask).nats))
   return np.asarray(fn(jax.random.split(jax.random.key(1), K)))
@@ -96,7 +90,7 @@ def test_loss_weight_matches_finite_differences(schedule):
 
 def test_padding_is_ignored_and_loss_is_the_bound_per_token():
   process = MaskedProcess(vocab_size=V)
-  den = constant_denoiser(np.log(PI))
+  den = constant_logits(np.log(PI))
   tokens = iid_tokens()
   mask = jnp.arange(L)[None, :] < jnp.arange(1, B + 1)[:, None] % L + 1
   other = jnp.where(mask, tokens, (tokens + 3) % V)
@@ -146,7 +140,7 @@ def test_posterior_matches_bayes_by_brute_force():
 
 def test_reverse_step_unmasks_at_the_right_rate_and_carries_over():
   process = MaskedProcess(vocab_size=V)
-  den = constant_denoiser(np.log(PI))
+  den = constant_logits(np.log(PI))
   x_t = jnp.full((8, 512), V, jnp.int32).at[:, :10].set(2)
   step = jax.jit(lambda k, t, s: process.reverse_step(k, den, x_t, t, s))
   x_s = np.asarray(step(jax.random.key(0), 0.6, 0.3))
@@ -166,8 +160,10 @@ def test_prior_spec_and_registry():
   spec = process.model_spec
   assert (spec.input_vocab, spec.output_dim) == (V + 1, V)
   hash(process)
-  with pytest.raises(ValueError, match="sampler"):
-    MaskedProcess(vocab_size=V, sampler="fast")
+  with pytest.raises(ValueError, match="default, ancestral, cached"):
+    process.sampler(SamplingOptions(sampler="fast"))
+  assert process.sampler(SamplingOptions()) == "ancestral"
+  assert process.sampler_names() == ("ancestral", "cached")
   with pytest.raises(ValueError, match="schedule"):
     MaskedProcess(vocab_size=V, schedule="nope")
 

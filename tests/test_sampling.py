@@ -9,24 +9,19 @@ import pytest
 from jax.experimental import io_callback
 
 from diffusion_text import sampling
-from diffusion_text.processes import Denoiser, base
+from diffusion_text.processes import Denoiser, SamplingOptions, base
 from diffusion_text.processes.masked import MaskedProcess
+from tests.helpers import constant_logits
 
 V, L, N = 8, 16, 64
 PI = np.array([0.3, 0.2, 0.15, 0.1, 0.1, 0.08, 0.05, 0.02])
 
 
-def oracle(logits):
-  """Denoiser predicting fixed x0 logits ([V] or [L, V]), ignoring x_t, t."""
-  logits = jnp.asarray(logits, jnp.float32)
-  return Denoiser(predict=lambda x, t, self_cond=None: jnp.broadcast_to(
-      logits, x.shape + (V,)))
-
-
-def masked_sampler(steps=8, num=N, length=L, **options):
-  process = MaskedProcess(vocab_size=V, **options)
+def masked_sampler(steps=8, num=N, length=L, options=SamplingOptions(),
+                   **process_options):
+  process = MaskedProcess(vocab_size=V, **process_options)
   return sampling.make_sampler(process, num, length, steps,
-                               build_denoiser=oracle)
+                               build_denoiser=constant_logits, options=options)
 
 
 class CharTokenizer:
@@ -109,8 +104,9 @@ def test_cached_sampler_is_exact_with_fewer_network_calls():
   steps = 32
   outs, num_calls = {}, {}
   for name in ("ancestral", "cached"):
-    process = MaskedProcess(vocab_size=V, sampler=name)
-    run = sampling.make_sampler(process, 2, 4, steps, build_denoiser=build)
+    process = MaskedProcess(vocab_size=V)
+    run = sampling.make_sampler(process, 2, 4, steps, build_denoiser=build,
+                                options=SamplingOptions(sampler=name))
     calls.clear()
     outs[name] = np.asarray(run(jax.random.key(7), logits))
     num_calls[name] = len(calls)
@@ -124,14 +120,15 @@ def test_temperature_to_zero_gives_the_argmax():
   logits = jax.random.normal(jax.random.key(3), (L, V)) * 2.0
   argmax = np.asarray(jnp.argmax(logits, -1))
   for temperature in (0.0, 1e-3):
-    run = masked_sampler(num=8, temperature=temperature)
+    run = masked_sampler(num=8,
+                         options=SamplingOptions(temperature=temperature))
     out = np.asarray(run(jax.random.key(0), logits))
     np.testing.assert_array_equal(out, np.broadcast_to(argmax, (8, L)))
 
 
 def test_top_p_removes_the_tail():
   probs = np.array([0.4, 0.3, 0.2, 0.04, 0.03, 0.02, 0.007, 0.003])
-  run = masked_sampler(top_p=0.8)
+  run = masked_sampler(options=SamplingOptions(top_p=0.8))
   out = np.asarray(run(jax.random.key(0), jnp.log(jnp.asarray(probs)))).ravel()
   # the nucleus is the smallest head with mass >= 0.8: tokens 0, 1, 2
   assert set(np.unique(out)) == {0, 1, 2}
@@ -164,10 +161,11 @@ class CountingProcess(base.Process):
   def prior(self, key, shape):
     return jnp.zeros(shape, jnp.int32)
 
-  def reverse_step(self, key, denoiser, x_t, t, s):
+  def reverse_step(self, key, denoiser, x_t, t, s,
+                   options=SamplingOptions()):
     return x_t + 1 + 100 * (s < 0).astype(jnp.int32)  # s never below 0
 
-  def decode(self, denoiser, x0):
+  def decode(self, denoiser, x0, options=SamplingOptions()):
     return x0
 
 
@@ -198,8 +196,9 @@ def test_time_unconditioned_network_makes_caching_exact():
 
   outs = {}
   for name in ("ancestral", "cached"):
-    process = MaskedProcess(vocab_size=V, sampler=name, time_conditioning=False)
-    run = sampling.make_sampler(process, 8, 4, 32, build_denoiser=build)
+    process = MaskedProcess(vocab_size=V, time_conditioning=False)
+    run = sampling.make_sampler(process, 8, 4, 32, build_denoiser=build,
+                                options=SamplingOptions(sampler=name))
     outs[name] = np.asarray(run(jax.random.key(11), logits))
   np.testing.assert_array_equal(outs["cached"], outs["ancestral"])
 
@@ -210,9 +209,8 @@ def test_time_unconditioned_network_makes_caching_exact():
   jax.jit(lambda k: p.nll_bound(k, build(logits), tokens,
                                 jnp.ones_like(tokens)).nats)(jax.random.key(0))
   assert seen_t  # traced
-  fixed = p.nll_bound(jax.random.key(0), Denoiser(
-      predict=lambda x, t, self_cond=None: jnp.broadcast_to(logits, x.shape + (V,))),
-      tokens, jnp.ones_like(tokens)).nats
+  fixed = p.nll_bound(jax.random.key(0), constant_logits(logits), tokens,
+                      jnp.ones_like(tokens)).nats
   got = p.nll_bound(jax.random.key(0), build(logits), tokens,
                     jnp.ones_like(tokens)).nats
   np.testing.assert_allclose(got, fixed, rtol=1e-6)

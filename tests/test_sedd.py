@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.scipy.linalg import expm
 
-from diffusion_text.processes import Denoiser, make_process
+from diffusion_text.processes import Denoiser, SamplingOptions, make_process
 from diffusion_text.processes import sedd
 
 V = 5
@@ -70,9 +70,9 @@ def _data(key, shape):
 # ---- exact CTMC math -----------------------------------------------------------
 
 @pytest.mark.parametrize("name", GRAPHS)
-@pytest.mark.parametrize("noise", ("loglinear", "geometric"))
-def test_marginals_match_matrix_exponential(name, noise):
-  p = _process(name, noise=noise)
+@pytest.mark.parametrize("schedule", ("loglinear", "geometric"))
+def test_marginals_match_matrix_exponential(name, schedule):
+  p = _process(name, schedule=schedule)
   k = p.num_states
   q_KxK = p.rate_matrix()
   off_diag = q_KxK - jnp.diag(jnp.diag(q_KxK))
@@ -166,16 +166,16 @@ def _bounds(p, denoiser, num_keys=32, batch=64, length=8):
   return jax.jit(jax.vmap(one))(keys)
 
 
-@pytest.mark.parametrize("name,noise", [("sedd_absorb", "loglinear"),
+@pytest.mark.parametrize("name,schedule", [("sedd_absorb", "loglinear"),
                                         ("sedd_uniform", "geometric")])
-def test_oracle_bound_is_close_to_and_above_entropy(name, noise):
+def test_oracle_bound_is_close_to_and_above_entropy(name, schedule):
   """With the exact score the path KL vanishes, so E[bound] = L H(pi) + the
   (tiny) prior gap, and never less. The estimator is noisy (one time per
   sequence; its variance grows like log(1/t_min)). Found: 10.35 +- 0.18
   (absorb) and 10.68 +- 0.31 (uniform) against L H(pi) = 10.15 (+1.1 and
   +1.7 SEM; 131k uniform sequences gave 10.154 +- 0.035). The expectation
   itself is checked to 1e-5 by the quadrature test below."""
-  p = _process(name, noise=noise, recon_prob=0.1)
+  p = _process(name, schedule=schedule, recon_prob=0.1)
   length = 8
   bound = _bounds(p, _oracle(p, garbage=3.0), length=length)
   batch_means = np.asarray(bound.nats).mean(-1)   # times are stratified per batch
@@ -190,15 +190,15 @@ def test_oracle_bound_is_close_to_and_above_entropy(name, noise):
   assert float(blind.nats.mean()) > target + 6 * sem + 0.2 * length
 
 
-@pytest.mark.parametrize("name,noise", [("sedd_absorb", "loglinear"),
+@pytest.mark.parametrize("name,schedule", [("sedd_absorb", "loglinear"),
                                         ("sedd_absorb", "geometric"),
                                         ("sedd_uniform", "geometric")])
-def test_exact_quadrature_of_oracle_bound_equals_entropy(name, noise):
+def test_exact_quadrature_of_oracle_bound_equals_entropy(name, schedule):
   """Theorem 3.6 without Monte Carlo: per token, the expected DWDSE (summed
   over all (x0, x_t) pairs) integrated over [t_min, 1] by quadrature, plus the
   exact reconstruction and prior terms, equals H(pi) up to the prior gap
   I(x0; x1) <= prior KL (found: |gap| < 1e-6 for the geometric noise)."""
-  p = _process(name, noise=noise)
+  p = _process(name, schedule=schedule)
   den = _oracle(p)
   x0, x_t = (a.reshape(1, -1) for a in jnp.meshgrid(
       jnp.arange(V), jnp.arange(p.num_states), indexing="ij"))
@@ -246,7 +246,8 @@ def test_bound_respects_mask_and_loss_has_finite_gradients(name):
 def test_tweedie_step_is_exact_bayes_and_euler_agrees_for_small_steps(name):
   """Analytic step with the true score = p(x_s | x_t) of i.i.d. pi data
   (SEDD Theorem 4.2), including the final denoiser to noise 0."""
-  p = _process(name, sampler="analytic", noise="geometric")
+  p = _process(name, schedule="geometric")
+  analytic = SamplingOptions(sampler="analytic")
   k = p.num_states
   den = _oracle(p, garbage=5.0)
   x_t = jnp.arange(k)[None, :]
@@ -257,18 +258,18 @@ def test_tweedie_step_is_exact_bayes_and_euler_agrees_for_small_steps(name):
     p_s = pi_K @ expm(sig_s * q)
     joint = p_s[:, None] * expm((p.total_noise(t) - sig_s) * q)   # [x_s, x_t]
     brute = (joint / joint.sum(0)).T
-    probs = p.reverse_probs(den, x_t, t, s)[0]
+    probs = p.reverse_probs(den, x_t, t, s, analytic)[0]
     np.testing.assert_allclose(probs / probs.sum(-1, keepdims=True), brute, atol=1e-4)
   for sampler in ("euler", "tau_leaping"):
     t, s = 0.5, 0.5 - 1e-3
-    step = _process(name, sampler=sampler, noise="geometric").reverse_probs(den, x_t, t, s)[0]
-    exact = p.reverse_probs(den, x_t, t, s)[0]
+    step = p.reverse_probs(den, x_t, t, s, SamplingOptions(sampler=sampler))[0]
+    exact = p.reverse_probs(den, x_t, t, s, analytic)[0]
     step, exact = (w / w.sum(-1, keepdims=True) for w in (step, exact))
     move = float(jnp.abs(exact - jnp.eye(k)).max())
     assert 0.0 < float(jnp.abs(step - exact).max()) < 0.02 * move
 
 
-def _sample(p, denoiser, key, shape, steps):
+def _sample(p, denoiser, key, shape, steps, options):
   """A tiny sampling loop over `time_grid` (the shared one lives elsewhere)."""
   grid_T = p.time_grid(steps, shape[1])
   prior_key, step_key = jax.random.split(key)
@@ -276,18 +277,19 @@ def _sample(p, denoiser, key, shape, steps):
 
   def body(i, x):
     return p.reverse_step(jax.random.fold_in(step_key, i), denoiser, x,
-                          grid_T[i], grid_T[i + 1])
+                          grid_T[i], grid_T[i + 1], options)
   return p.decode(denoiser, jax.lax.fori_loop(0, steps, body, x))
 
 
 @pytest.mark.parametrize("name", GRAPHS)
 @pytest.mark.parametrize("sampler", ("euler", "tau_leaping", "analytic"))
 def test_sampler_with_oracle_recovers_pi(name, sampler):
-  p = _process(name, sampler=sampler)
+  p = _process(name)
+  options = SamplingOptions(sampler=sampler)
   grid = p.time_grid(32, 16)
   assert grid.shape == (33,) and float(grid[0]) == 1.0 and float(grid[-1]) == 0.0
   np.testing.assert_allclose(grid[-2], p.t_min, rtol=1e-6)
-  run = jax.jit(lambda key: _sample(p, _oracle(p), key, (64, 16), 32))
+  run = jax.jit(lambda key: _sample(p, _oracle(p), key, (64, 16), 32, options))
   x = np.asarray(run(jax.random.key(8)))
   assert x.dtype == np.int32 and x.min() >= 0 and x.max() < V  # no [MASK]
   np.testing.assert_array_equal(x, run(jax.random.key(8)))      # deterministic
@@ -297,10 +299,12 @@ def test_sampler_with_oracle_recovers_pi(name, sampler):
 
 
 def test_options_are_validated():
-  with pytest.raises(ValueError, match="sampler"):
-    _process("sedd_absorb", sampler="nope")
-  with pytest.raises(ValueError, match="noise"):
-    _process("sedd_uniform", noise="cosine")
+  with pytest.raises(ValueError, match="euler, tau_leaping, analytic"):
+    _process("sedd_absorb").sampler(SamplingOptions(sampler="nope"))
+  with pytest.raises(ValueError, match="temperature"):
+    _process("sedd_absorb").sampler(SamplingOptions(temperature=0.5))
+  with pytest.raises(ValueError, match="schedule.*loglinear, geometric"):
+    _process("sedd_uniform", schedule="cosine")
   with pytest.raises(ValueError, match="eps"):
     _process("sedd_uniform", eps=0.0)
   spec = _process("sedd_absorb").model_spec

@@ -7,7 +7,6 @@ them as one `processes.SamplingOptions`.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Optional
 
 import jax
@@ -24,28 +23,10 @@ def sampling_options(sc: SampleConfig):
                                    temperature=sc.temperature, top_p=sc.top_p)
 
 
-def _legacy_process(process, sc: SampleConfig):
-  """Before processes.SamplingOptions: the settings were process fields.
-  (Delete once SamplingOptions is in processes/base.py.)"""
-  given = {k: v for k, v in (("sampler", sc.sampler),
-                             ("temperature", sc.temperature),
-                             ("top_p", sc.top_p))
-           if v != getattr(SampleConfig, k)}
-  fields = {f.name for f in dataclasses.fields(process)}
-  unknown = sorted(set(given) - fields)
-  if unknown:
-    raise ValueError(f"process {type(process).__name__} has no sampling "
-                     f"option(s) {unknown}")
-  return dataclasses.replace(process, **given) if given else process
-
-
 def make_sampler(process, graphdef, sc: SampleConfig, length: int):
   """The jitted sampler `fn(key, params, *cond) -> ids [num, length]`."""
   build = lambda p: as_denoiser(nnx.merge(graphdef, p))
   steps = sc.steps or None
-  if not hasattr(processes, "SamplingOptions"):
-    return sampling.make_sampler(_legacy_process(process, sc), sc.num, length,
-                                 steps, build_denoiser=build)
   return sampling.make_sampler(process, sc.num, length, steps, build,
                                options=sampling_options(sc))
 

@@ -13,7 +13,7 @@ from flax import nnx
 
 from diffusion_text.config import ModelConfig
 from diffusion_text.models.denoiser import Transformer
-from diffusion_text.processes.base import Denoiser, ModelSpec
+from diffusion_text.contract import Denoiser, ModelSpec
 
 
 def build_model(spec: ModelSpec, cfg: ModelConfig, seed: int) -> Transformer:

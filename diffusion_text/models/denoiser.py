@@ -30,7 +30,7 @@ from diffusion_text.models.conditioning import MonotoneGamma, TimeEmbedding
 from diffusion_text.models.cross_entropy import selected_cross_entropy
 from diffusion_text.models.layers import (MLP, Attention, dense_init,
                                           layer_norm, modulate)
-from diffusion_text.processes.base import ModelSpec
+from diffusion_text.contract import ModelSpec
 
 Array = jax.Array
 

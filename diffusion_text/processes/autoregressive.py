@@ -23,27 +23,22 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from diffusion_text.contract import cross_entropy
 from diffusion_text.processes import base
 from diffusion_text.processes.base import (Bound, Denoiser, LossOutput,
-                                           ModelSpec, Process, make_bound,
-                                           masked_sum, per_token)
+                                           ModelSpec, Process, SamplingOptions,
+                                           make_bound, masked_sum, per_token)
 
 Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
 class Autoregressive(Process):
-  """Next-token prediction; `temperature` (0: greedy) and `top_p` (nucleus
-  sampling, Holtzman et al. 2020) shape the sampler only."""
+  """Next-token prediction; `SamplingOptions.temperature` (0: greedy) and
+  `top_p` (nucleus sampling, Holtzman et al. 2020) shape the sampler."""
 
-  temperature: float = 1.0
-  top_p: float = 1.0
-
-  def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+  SAMPLERS = ("ancestral",)
+  SAMPLING_KNOBS = ("temperature", "top_p")
 
   @property
   def bos_id(self) -> int:
@@ -73,11 +68,7 @@ class Autoregressive(Process):
 
   def token_nll(self, denoiser: Denoiser, tokens: Array) -> Array:
     """-log p(x_i | x_<i) [B, L] as logsumexp minus the target logit."""
-    logits_BxLxV = self._logits(denoiser, tokens)
-    lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-    target_BxL = jnp.take_along_axis(
-        logits_BxLxV, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return lse_BxL - target_BxL
+    return cross_entropy(self._logits(denoiser, tokens), tokens)
 
   def nll_bound(self, key: Array, denoiser: Denoiser, tokens: Array,
                 mask: Array) -> Bound:
@@ -102,14 +93,16 @@ class Autoregressive(Process):
                       terms=bound.terms)
 
   # ---------------------------------------------------------------- sampling
-  def num_sampling_steps(self, requested: Optional[int], length: int) -> int:
+  def num_sampling_steps(self, requested: Optional[int], length: int,
+                         options: SamplingOptions = SamplingOptions()) -> int:
     """One step per position, whatever was requested."""
-    del requested
+    del requested, options
     return length
 
-  def time_grid(self, steps: int, length: int) -> Array:
+  def time_grid(self, steps: int, length: int,
+                options: SamplingOptions = SamplingOptions()) -> Array:
     """t_i = 1 - i / L, i = 0..L: the step from t_i fills position i."""
-    del steps
+    del steps, options
     return 1.0 - jnp.arange(length + 1, dtype=jnp.float32) / length
 
   def prior(self, key: Array, shape: tuple[int, int]) -> Array:
@@ -117,36 +110,33 @@ class Autoregressive(Process):
     return jnp.zeros(shape, jnp.int32)
 
   def reverse_step(self, key: Array, denoiser: Denoiser, x_t: Array,
-                   t: Array, s: Array) -> Array:
+                   t: Array, s: Array,
+                   options: SamplingOptions = SamplingOptions()) -> Array:
     """Sample position round((1 - t) L) given the prefix before it."""
     del s
+    self.sampler(options)  # validates the name and knobs
     length = x_t.shape[1]
     pos = jnp.clip(jnp.round((1.0 - t) * length).astype(jnp.int32),
                    0, length - 1)
     logits_BxLxV = self._logits(denoiser, x_t)
     logits_BxV = jax.lax.dynamic_index_in_dim(logits_BxLxV, pos, axis=1,
                                               keepdims=False)
-    token_B = self.sample_logits(key, logits_BxV)
+    token_B = self.sample_logits(key, logits_BxV, options)
     at_pos_L = jnp.arange(length) == pos
     return jnp.where(at_pos_L[None, :], token_B[:, None].astype(x_t.dtype),
                      x_t)
 
-  def sample_logits(self, key: Array, logits_BxV: Array) -> Array:
+  def sample_logits(self, key: Array, logits_BxV: Array,
+                    options: SamplingOptions = SamplingOptions()) -> Array:
     """One draw per row with temperature and nucleus truncation.
 
     Inverse-CDF sampling: one uniform per row, not one Gumbel per class.
     """
-    if self.temperature == 0:
+    if options.temperature == 0:
       return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    probs_BxV = jax.nn.softmax(logits_BxV / self.temperature, axis=-1)
-    order_BxV = None
-    if self.top_p < 1.0:
-      order_BxV = jnp.argsort(-probs_BxV, axis=-1)
-      probs_BxV = jnp.take_along_axis(probs_BxV, order_BxV, axis=-1)
-      # Keep the smallest prefix of the sorted classes whose mass reaches
-      # top_p: a class stays if the mass before it is still below top_p.
-      before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-      probs_BxV = jnp.where(before_BxV < self.top_p, probs_BxV, 0.0)
+    probs_BxV = jax.nn.softmax(logits_BxV / options.temperature, axis=-1)
+    if options.top_p < 1.0:
+      probs_BxV = base.nucleus(probs_BxV, options.top_p)
     cdf_BxV = jnp.cumsum(probs_BxV, axis=-1)
     u_Bx1 = jax.random.uniform(key, (logits_BxV.shape[0], 1)) * cdf_BxV[:, -1:]
     idx_B = jnp.sum(cdf_BxV <= u_Bx1, axis=-1)
@@ -154,11 +144,9 @@ class Autoregressive(Process):
     # has mass rather than step past the end (or onto a truncated class).
     num_classes = logits_BxV.shape[-1]
     last_B = num_classes - 1 - jnp.argmax(probs_BxV[:, ::-1] > 0, axis=-1)
-    idx_B = jnp.minimum(idx_B, last_B)
-    if order_BxV is not None:
-      idx_B = jnp.take_along_axis(order_BxV, idx_B[:, None], axis=-1)[:, 0]
-    return idx_B.astype(jnp.int32)
+    return jnp.minimum(idx_B, last_B).astype(jnp.int32)
 
-  def decode(self, denoiser: Denoiser, x0: Array) -> Array:
-    del denoiser
+  def decode(self, denoiser: Denoiser, x0: Array,
+             options: SamplingOptions = SamplingOptions()) -> Array:
+    del denoiser, options
     return x0

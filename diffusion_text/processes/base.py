@@ -15,66 +15,14 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, ClassVar, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
+from diffusion_text.contract import Denoiser, ModelSpec, cross_entropy
+
 Array = jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class Denoiser:
-  """The network as the process sees it: callables bound to parameters.
-
-  predict(x_t, t, self_cond=None) -> output
-      x_t: int32 [B, L] token ids (token stem) or float [B, L, D] latents;
-      t: float [B] in [0, 1]; output: logits [B, L, V_out] or a vector
-      [B, L, D] (see `ModelSpec.output`).
-  embed(ids [B, L]) -> [B, L, D]: learned token embeddings (Gaussian only).
-  round_logits(x [B, L, D]) -> [B, L, V]: logits of p(w | x) (Gaussian only).
-  gamma(t [B]) -> [B]: a learned noise schedule gamma(t) = -log SNR(t),
-      monotone increasing in t (only with `ModelSpec.learned_schedule`).
-  target_nll(x_t, t [B], target [B, L], where [B, L]) -> [B, L]: optional
-      fused -log softmax(predict(x_t, t))[target] evaluated only where
-      `where` holds (values elsewhere arbitrary); see `target_nll` below.
-  """
-
-  predict: Callable[..., Array]
-  embed: Optional[Callable[[Array], Array]] = None
-  round_logits: Optional[Callable[[Array], Array]] = None
-  gamma: Optional[Callable[[Array], Array]] = None
-  target_nll: Optional[Callable[..., Array]] = None
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-  """What a process needs from the backbone; the model builder reads it.
-
-  input: 'tokens' (embedding stem over `input_vocab` ids) or 'latents'
-      (a projection stem over `latent_dim`-dimensional vectors).
-  output: 'logits' (a head over `output_dim` classes) or 'vector' (a head
-      of size `output_dim` in latent space).
-  embed_vocab: size of a learned token-embedding table of width `latent_dim`
-      exposed as `Denoiser.embed` / `round_logits` (Gaussian processes).
-  causal: causal attention (the AR baseline).
-  self_conditioning: `predict` accepts a `self_cond` input of the same shape
-      as its latent input.
-  learned_schedule: the model carries a monotone network gamma(t) = -log SNR
-      exposed as `Denoiser.gamma`, initialised to the line from
-      gamma_range[0] (t=0) to gamma_range[1] (t=1) (Kingma et al. 2021 sec. 5).
-  """
-
-  input: str
-  output: str
-  output_dim: int
-  input_vocab: Optional[int] = None
-  latent_dim: Optional[int] = None
-  embed_vocab: Optional[int] = None
-  causal: bool = False
-  self_conditioning: bool = False
-  learned_schedule: bool = False
-  gamma_range: tuple[float, float] = (-10.0, 10.0)
 
 
 class Bound(NamedTuple):
@@ -119,9 +67,17 @@ def target_nll(denoiser: Denoiser, x_t: Array, t_B: Array,
   """
   if denoiser.target_nll is not None:
     return denoiser.target_nll(x_t, t_B, target_BxL, where_BxL)
-  logits_BxLxV = denoiser.predict(x_t, t_B).astype(jnp.float32)
-  tgt_BxL = jnp.take_along_axis(logits_BxLxV, target_BxL[..., None], -1)[..., 0]
-  return jax.nn.logsumexp(logits_BxLxV, axis=-1) - tgt_BxL
+  return cross_entropy(denoiser.predict(x_t, t_B), target_BxL)
+
+
+def nucleus(probs_BxLxV: Array, top_p: float) -> Array:
+  """Top-p (Holtzman et al. 2020): zero the tail outside the smallest set
+  of classes with mass >= top_p (ties at the threshold are all kept)."""
+  sorted_BxLxV = -jnp.sort(-probs_BxLxV, axis=-1)
+  mass_before = jnp.cumsum(sorted_BxLxV, axis=-1) - sorted_BxLxV
+  count_BxL = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1), 1)
+  threshold = jnp.take_along_axis(sorted_BxLxV, count_BxL[..., None] - 1, -1)
+  return jnp.where(probs_BxLxV >= threshold, probs_BxLxV, 0.0)
 
 
 def bound_as_loss(bound: Bound, mask_BxL: Array) -> LossOutput:
@@ -136,6 +92,28 @@ def bound_as_loss(bound: Bound, mask_BxL: Array) -> LossOutput:
 def per_token(nats_B: Array, mask_BxL: Array) -> Array:
   """Batch nats per token: total nats over total real tokens (a scalar)."""
   return jnp.sum(nats_B) / jnp.maximum(jnp.sum(mask_BxL), 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+  """How to sample, apart from what defines the model and its bound.
+
+  sampler: a variant from the process's `sampler_names()`; "default" is the
+      process's usual sampler (the first name).
+  temperature: divides the logits of the sampled distribution (0: argmax),
+      or for the continuous-time Gaussian process the score (PLAID).
+  top_p: nucleus mass kept when drawing tokens (1: off).
+  """
+
+  sampler: str = "default"
+  temperature: float = 1.0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,21 +154,63 @@ class Process(abc.ABC):
 
   @abc.abstractmethod
   def reverse_step(self, key: Array, denoiser: Denoiser, x_t: Array,
-                   t: Array, s: Array) -> Array:
+                   t: Array, s: Array,
+                   options: SamplingOptions = SamplingOptions()) -> Array:
     """One reverse step from time t to s < t (scalars)."""
 
   @abc.abstractmethod
-  def decode(self, denoiser: Denoiser, x0: Array) -> Array:
+  def decode(self, denoiser: Denoiser, x0: Array,
+             options: SamplingOptions = SamplingOptions()) -> Array:
     """Final state -> token ids int32 [B, L]."""
 
-  def time_grid(self, steps: int, length: int) -> Array:
+  # Sampler variants by name, the default first; processes override.
+  SAMPLERS: ClassVar[tuple[str, ...]] = ("ancestral",)
+  # Which SamplingOptions knobs the samplers honour (others must stay 1.0).
+  SAMPLING_KNOBS: ClassVar[tuple[str, ...]] = ()
+
+  def sampler_names(self) -> tuple[str, ...]:
+    """The valid `SamplingOptions.sampler` values besides "default"."""
+    return self.SAMPLERS
+
+  def sampler(self, options: SamplingOptions) -> str:
+    """The variant `options` selects, checked against `sampler_names()` and
+    the knobs this process honours."""
+    names = self.sampler_names()
+    name = names[0] if options.sampler == "default" else options.sampler
+    if name not in names:
+      raise ValueError(
+          f"unknown sampler {options.sampler!r} for {type(self).__name__}; "
+          f"choose one of: default, {', '.join(names)}")
+    for knob in ("temperature", "top_p"):
+      if knob not in self.SAMPLING_KNOBS and getattr(options, knob) != 1.0:
+        raise ValueError(
+            f"{type(self).__name__} samplers do not support {knob}; leave "
+            f"it at 1.0 (supported: {', '.join(self.SAMPLING_KNOBS) or 'none'})")
+    return name
+
+  # Sampler-state protocol used by `diffusion_text.sampling`: a sampler that
+  # carries state between steps (the cached masked sampler, self-conditioning)
+  # overrides both; the default carries nothing.
+  def init_sampler_state(self, x_T: Array,
+                         options: SamplingOptions = SamplingOptions()):
+    del x_T, options
+    return ()
+
+  def reverse_step_with_state(self, key: Array, denoiser: Denoiser,
+                              x_t: Array, t: Array, s: Array, state,
+                              options: SamplingOptions = SamplingOptions()):
+    return self.reverse_step(key, denoiser, x_t, t, s, options), state
+
+  def time_grid(self, steps: int, length: int,
+                options: SamplingOptions = SamplingOptions()) -> Array:
     """Times t_0 = 1 > t_1 > ... > t_steps = 0 visited by the sampler."""
-    del length
+    del length, options
     return jnp.linspace(1.0, 0.0, steps + 1)
 
-  def num_sampling_steps(self, requested: Optional[int], length: int) -> int:
+  def num_sampling_steps(self, requested: Optional[int], length: int,
+                         options: SamplingOptions = SamplingOptions()) -> int:
     """The number of reverse steps the sampler runs (default: as requested)."""
-    del length
+    del length, options
     if requested is None:
       return getattr(self, "num_steps", None) or 128
     return requested

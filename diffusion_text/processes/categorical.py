@@ -32,11 +32,12 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import xlogy
 
+from diffusion_text.contract import cross_entropy
 from diffusion_text.processes import transitions
 from diffusion_text.processes.base import (Bound, Denoiser, LossOutput,
-                                           ModelSpec, Process, make_bound,
-                                           masked_sum, per_token)
-from diffusion_text.processes.schedules import make_schedule
+                                           ModelSpec, Process, SamplingOptions,
+                                           make_bound, masked_sum, per_token)
+from diffusion_text.processes.schedules import check_schedule, make_schedule
 
 Array = jax.Array
 
@@ -55,6 +56,15 @@ def _take(v_BxLxV: Array, ids_BxL: Array) -> Array:
   return jnp.take_along_axis(v_BxLxV, ids_BxL[..., None], axis=-1)[..., 0]
 
 
+def _tempered(logits_BxLxV: Array, temperature: float) -> Array:
+  """logits / temperature; at 0 a point mass on the argmax."""
+  if temperature == 0.0:
+    top_BxL = jnp.argmax(logits_BxLxV, axis=-1)
+    onehot = jax.nn.one_hot(top_BxL, logits_BxLxV.shape[-1], dtype=bool)
+    return jnp.where(onehot, 0.0, -jnp.inf)
+  return logits_BxLxV / temperature
+
+
 def _categorical(u_BxL: Array, logits_BxLxV: Array) -> Array:
   """Inverse-CDF draw from softmax(logits): one uniform per position."""
   probs_BxLxV = jax.nn.softmax(logits_BxLxV, axis=-1)
@@ -70,7 +80,12 @@ class D3PM(Process):
   num_steps: int = 1000        # T; step i sits at time t_i = i / T
   schedule: str = "cosine"     # alpha_bar(t) by name (schedules.py)
   hybrid_lambda: float = 0.01  # weight of the auxiliary CE(x0 | x_t), eq. 5
-  temperature: float = 1.0     # divides the x0-logits when sampling
+
+  SAMPLERS = ("ancestral",)
+  SAMPLING_KNOBS = ("temperature",)  # divides the x0-logits when sampling
+
+  def __post_init__(self):
+    check_schedule(self.schedule, process=type(self).__name__)
 
   # ---- family-specific pieces ------------------------------------------
   @property
@@ -168,7 +183,7 @@ class D3PM(Process):
     x_t = self.corrupt(noise_key, x0, t_B)
     logits_BxLxV = denoiser.predict(x_t, t_B).astype(jnp.float32)
     lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-    nll_BxL = lse_BxL - _take(logits_BxLxV, x0)  # -log p~(x0 | x_t)
+    nll_BxL = cross_entropy(logits_BxLxV, x0)  # -log p~(x0 | x_t)
     a_s, a_t = self.alpha_bar(s_B[:, None]), self.alpha_bar(t_B[:, None])
     step_B = self.num_steps * masked_sum(
         self._step_term(logits_BxLxV, lse_BxL, x_t, x0, a_s, a_t), mask)
@@ -200,16 +215,20 @@ class D3PM(Process):
 
   # ---- sampling ----------------------------------------------------------
   def reverse_step(self, key: Array, denoiser: Denoiser, x_t: Array,
-                   t: Array, s: Array) -> Array:
-    """Ancestral step t -> s < t on any grid; s = 0 yields clean tokens."""
+                   t: Array, s: Array,
+                   options: SamplingOptions = SamplingOptions()) -> Array:
+    """Ancestral step t -> s < t on any grid; s = 0 yields clean tokens
+    (temperature 0: the mode of p~(x0 | x_t))."""
+    self.sampler(options)  # validates the name and knobs
     t_B = jnp.full((x_t.shape[0],), t, jnp.float32)
     logits_BxLxV = denoiser.predict(x_t, t_B).astype(jnp.float32)
-    logits_BxLxV = logits_BxLxV / self.temperature
+    logits_BxLxV = _tempered(logits_BxLxV, options.temperature)
     return self._reverse_sample(key, logits_BxLxV, x_t, self.alpha_bar(s),
                                 self.alpha_bar(t), jnp.asarray(s) <= 0.0)
 
-  def decode(self, denoiser: Denoiser, x0: Array) -> Array:
-    del denoiser
+  def decode(self, denoiser: Denoiser, x0: Array,
+             options: SamplingOptions = SamplingOptions()) -> Array:
+    del denoiser, options
     return x0.astype(jnp.int32)
 
 
@@ -297,7 +316,7 @@ class D3PMAbsorbing(D3PM):
 
   @property
   def mask_id(self) -> int:
-    return self.vocab_size
+    return self.transition.mask_id
 
   @property
   def transition(self) -> transitions.Absorbing:
@@ -311,7 +330,7 @@ class D3PMAbsorbing(D3PM):
     # Zero unless x_t is masked; there q(x_s = x0 | ...) = (a_s - a_t)/(1 - a_t)
     # and p puts p~ on the same mass, so KL = that weight times -log p~(x0).
     weight = (a_s - a_t) / jnp.maximum(1.0 - a_t, _TINY)
-    nll = lse_BxL - _take(logits_BxLxV, x0)
+    nll = lse_BxL - _take(logits_BxLxV, x0)  # cross_entropy, lse reused
     return jnp.where(x_t == self.mask_id, weight * nll, 0.0)
 
   def _ce_positions(self, x_t):

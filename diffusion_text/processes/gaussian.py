@@ -54,8 +54,8 @@ exactly 0.5 (SNR_s / SNR_t - 1) ||eps - eps_hat||^2, Ho eq. 12) or beta
 Padded positions are left out of every sum; their latents carry no
 information about the real tokens, so the result is still a bound.
 
-Samplers: DDPM ancestral (Ho Algorithm 2, for any s < t) and DDIM (Song et
-al. 2021 eq. 12), both reading alpha-bar from the continuous schedule so any
+Samplers (`SamplingOptions.sampler`): 'ddpm' ancestral (Ho Algorithm 2,
+for any s < t) and 'ddim' (Song et al. 2021 eq. 12), both reading alpha-bar from the continuous schedule so any
 step count works; `clamp` snaps x0_hat to the nearest embedding before each
 step (Diffusion-LM sec. 4.2).
 """
@@ -66,19 +66,20 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from diffusion_text.contract import cross_entropy
 from diffusion_text.processes.base import (Array, Bound, Denoiser,
                                            LossOutput, ModelSpec, Process,
-                                           make_bound, masked_sum, per_token)
-from diffusion_text.processes.schedules import Schedule, make_schedule
+                                           SamplingOptions, make_bound,
+                                           masked_sum, per_token)
+from diffusion_text.processes.gaussian_choices import (PROPOSALS,
+                                                       REVERSE_VARIANCES,
+                                                       SAMPLER_STEPS,
+                                                       TRAIN_DRAWS)
+from diffusion_text.processes.schedules import (Schedule, check_schedule,
+                                                make_schedule)
 
-_SAMPLERS = ("ddpm", "ddim")
-_REVERSE_VARIANCES = ("posterior", "beta")
-_PROPOSALS = ("table", "uniform")
-_TRAIN_STEPS = ("uniform", "proposal")
 _TINY = 1e-12
-_ANCHORS = 256  # rows of E whose nearest neighbours set the proposal's cut-off
 
 
 def _bcast(v: Array, x: Array) -> Array:
@@ -87,12 +88,10 @@ def _bcast(v: Array, x: Array) -> Array:
   return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
 
 
-def _cross_entropy(logits_BxLxV: Array, tokens_BxL: Array) -> Array:
-  """-log softmax(logits)[token] as logsumexp minus the target logit."""
-  logits_BxLxV = logits_BxLxV.astype(jnp.float32)
-  target_BxL = jnp.take_along_axis(
-      logits_BxLxV, tokens_BxL[..., None], axis=-1)[..., 0]
-  return jax.nn.logsumexp(logits_BxLxV, axis=-1) - target_BxL
+def _check(name: str, value: str, registry) -> None:
+  if value not in registry:
+    raise ValueError(f"unknown {name} {value!r} for process 'gaussian'; "
+                     f"choose one of: {', '.join(registry)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +103,6 @@ class GaussianProcess(Process):
   latent_dim: int = 64  # D, the embedding width.
   rounding_weight: float = 1.0  # weight of -log p(w | x_1) in the loss.
   prior_weight: float = 1.0  # weight of KL(q(x_T | x_0) || N(0, I)) in the loss.
-  sampler: str = "ddpm"  # 'ddpm' (ancestral) or 'ddim'.
   ddim_eta: float = 0.0  # DDIM stochasticity; 1.0 matches DDPM's beta~.
   clamp: bool = False  # snap x0_hat to the nearest embedding while sampling.
   reverse_variance: str = "posterior"  # sigma_t^2: 'posterior' beta~ or 'beta'.
@@ -114,33 +112,25 @@ class GaussianProcess(Process):
   train_steps: str = "proposal"  # the training draw: 'proposal' or 'uniform'.
   vlb_weight: float = 0.0  # lambda of the hybrid L_simple + lambda L_vlb.
 
+  SAMPLERS = ("ddpm", "ddim")
+
   def __post_init__(self):
     if self.num_steps < 1:
       raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
-    if self.sampler not in _SAMPLERS:
-      raise ValueError(f"unknown sampler {self.sampler!r}; choose one of: "
-                       f"{', '.join(_SAMPLERS)}")
-    if self.reverse_variance not in _REVERSE_VARIANCES:
-      raise ValueError(f"unknown reverse_variance {self.reverse_variance!r}; "
-                       f"choose one of: {', '.join(_REVERSE_VARIANCES)}")
-    if self.step_proposal not in _PROPOSALS:
-      raise ValueError(f"unknown step_proposal {self.step_proposal!r}; "
-                       f"choose one of: {', '.join(_PROPOSALS)}")
+    check_schedule(self.schedule, ("cosine_vp", "linear_beta"), "gaussian")
+    _check("reverse_variance", self.reverse_variance, REVERSE_VARIANCES)
+    _check("step_proposal", self.step_proposal, PROPOSALS)
+    _check("train_steps", self.train_steps, TRAIN_DRAWS)
     if not 0.0 < self.proposal_floor <= 1.0:
       raise ValueError("proposal_floor must be in (0, 1] so that every step "
                        f"has positive probability, got {self.proposal_floor}")
-    if self.train_steps not in _TRAIN_STEPS:
-      raise ValueError(f"unknown train_steps {self.train_steps!r}; choose "
-                       f"one of: {', '.join(_TRAIN_STEPS)}")
     if self.vlb_weight < 0:
       raise ValueError(f"vlb_weight must be >= 0, got {self.vlb_weight}")
-    self.noise_schedule  # Raises a clear error on an unknown schedule name.
 
   @property
   def noise_schedule(self) -> Schedule:
-    if self.schedule == "linear_beta":
-      return make_schedule(self.schedule, num_steps=self.num_steps)
-    return make_schedule(self.schedule)
+    # linear_beta takes num_steps (its beta_i = linspace over T steps).
+    return make_schedule(self.schedule, num_steps=self.num_steps)
 
   @property
   def model_spec(self) -> ModelSpec:
@@ -168,11 +158,8 @@ class GaussianProcess(Process):
 
   def reverse_variance_at(self, s: Array, t: Array) -> Array:
     """sigma^2 of p(x_s | x_t): beta~ (posterior) or beta_{t|s}."""
-    ab_s, ab_t = self.alpha_bar(s), self.alpha_bar(t)
-    beta_ts = 1.0 - ab_t / ab_s
-    if self.reverse_variance == "beta":
-      return beta_ts
-    return beta_ts * (1.0 - ab_s) / (1.0 - ab_t)
+    return REVERSE_VARIANCES[self.reverse_variance].variance(
+        self.alpha_bar(s), self.alpha_bar(t))
 
   def embedding_table(self, denoiser: Denoiser) -> Array:
     """The learned token embeddings E [V, D] (float32)."""
@@ -239,13 +226,8 @@ class GaussianProcess(Process):
     ab_s = _bcast(self.alpha_bar(s), eps[..., 0])
     ab_t = _bcast(self.alpha_bar(t), eps[..., 0])
     sq_err = jnp.sum(jnp.square(eps - eps_hat), axis=-1)
-    if self.reverse_variance == "beta":
-      weight = (ab_s - ab_t) / (ab_t * (1.0 - ab_t))
-      var_ratio = (1.0 - ab_s) / (1.0 - ab_t)  # beta~ / beta
-      const = eps.shape[-1] * (var_ratio - 1.0 - jnp.log(var_ratio))
-    else:
-      weight = (ab_s - ab_t) / (ab_t * (1.0 - ab_s))  # SNR_s / SNR_t - 1
-      const = 0.0
+    weight, const = REVERSE_VARIANCES[self.reverse_variance].kl_parts(
+        ab_s, ab_t, eps.shape[-1])
     return 0.5 * (weight * sq_err + const)
 
   def diffusion_kl(self, denoiser: Denoiser, x0: Array, x_t: Array, s: Array,
@@ -258,47 +240,9 @@ class GaussianProcess(Process):
 
   # ---- step proposal --------------------------------------------------------
   def step_probs(self, denoiser: Denoiser) -> Array:
-    """p(i) for the bound's step i = 2..T, [T - 1], sums to 1.
-
-    'table' models the KL mass per unit of lambda = log SNR as that of a
-    Gaussian source of the table's per-dimension variance s2 (I-MMSE,
-    ~ s2 SNR / (1 + s2 SNR)) cut off where the nearest token at squared
-    distance d2 is resolved (pairwise error ~ exp(-SNR d2 / 8)):
-      p(i) ~ (lambda_{i-1} - lambda_i) s2 SNR_i / (1 + s2 SNR_i)
-             * exp(-SNR_i d2 / 8),
-    mixed with `proposal_floor` of the uniform law. s2 and d2 come from the
-    (stop-gradient) table: O(V D + min(V, 256) V D + T) per call.
-    """
-    T = self.num_steps
-    if T < 2:
-      return jnp.zeros((0,), jnp.float32)
-    uniform = jnp.full((T - 1,), 1.0 / (T - 1), jnp.float32)
-    if self.step_proposal == "uniform":
-      return uniform
-    with jax.ensure_compile_time_eval():
-      ab = np.asarray(self.alpha_bar(jnp.arange(1, T + 1) / T), np.float64)
-    log_snr = np.log(ab) - np.log1p(-np.minimum(ab, 1.0 - 1e-12))
-    dlam_I = jnp.asarray(np.maximum(log_snr[:-1] - log_snr[1:], 0.0),
-                         jnp.float32)
-    snr_I = jnp.asarray(np.exp(log_snr[1:]), jnp.float32)
-    table_VxD = jax.lax.stop_gradient(self.embedding_table(denoiser))
-    s2 = jnp.mean(jnp.square(table_VxD - table_VxD.mean(0)))
-    anchors_KxD = table_VxD[:_ANCHORS]  # the first rows: cheap, fixed
-    d2_KxV = (jnp.sum(jnp.square(anchors_KxD), -1)[:, None]
-              + jnp.sum(jnp.square(table_VxD), -1)[None]
-              - 2.0 * anchors_KxD @ table_VxD.T)
-    self_KxV = (jnp.arange(anchors_KxD.shape[0])[:, None]
-                == jnp.arange(self.vocab_size)[None])
-    # The smallest gap found: an underestimate only widens the proposal.
-    d2 = jnp.maximum(jnp.min(jnp.where(self_KxV, jnp.inf, d2_KxV)), 0.0)
-    d2 = jnp.where(jnp.isfinite(d2), d2, 0.0)  # V == 1
-    shape_I = (dlam_I * s2 * snr_I / (1.0 + s2 * snr_I)
-               * jnp.exp(-snr_I * d2 / 8.0))
-    total = jnp.sum(shape_I)
-    shape_I = jnp.where(total > 0, shape_I / jnp.maximum(total, _TINY),
-                        uniform)
-    return ((1.0 - self.proposal_floor) * shape_I
-            + self.proposal_floor * uniform)
+    """p(i) for the bound's step i = 2..T, [T - 1], sums to 1 (the law
+    `step_proposal` names in gaussian_choices.py)."""
+    return PROPOSALS[self.step_proposal](self, denoiser)
 
   def sample_step(self, key: Array, batch: int,
                   denoiser: Denoiser) -> tuple[Array, Array]:
@@ -336,19 +280,15 @@ class GaussianProcess(Process):
   def _reconstruction(self, denoiser: Denoiser, x0_hat_1: Array,
                       tokens: Array) -> Array:
     """-log p(w | x_1) per position [B, L], from x0_hat(x_1)."""
-    return _cross_entropy(denoiser.round_logits(x0_hat_1), tokens)
+    return cross_entropy(denoiser.round_logits(x0_hat_1), tokens)
 
   def loss(self, key: Array, denoiser: Denoiser, tokens: Array,
            mask: Array) -> LossOutput:
     time_key, noise_key, x1_key = jax.random.split(key, 3)
     T, batch = self.num_steps, tokens.shape[0]
     x0 = denoiser.embed(tokens).astype(jnp.float32)
-    if self.train_steps == "proposal" and T >= 2:
-      step_B, inv_p_B = self.sample_step(time_key, batch, denoiser)
-    else:
-      # Uniform on {1..T}: T * KL_i * [i >= 2] is unbiased for the sum.
-      step_B = jax.random.randint(time_key, (batch,), 1, T + 1)
-      inv_p_B = jnp.where(step_B >= 2, float(T), 0.0)
+    draw = TRAIN_DRAWS["uniform" if T < 2 else self.train_steps]
+    step_B, inv_p_B = draw(self, time_key, batch, denoiser)
     t_B = step_B / T
     x_t, eps = self._noised(noise_key, x0, t_B)
     x_1, _ = self._noised(x1_key, x0, jnp.full_like(t_B, 1.0 / T))
@@ -408,28 +348,22 @@ class GaussianProcess(Process):
     return jnp.take(table_VxD, jnp.argmax(score_BxLxV, axis=-1), axis=0)
 
   def reverse_step(self, key: Array, denoiser: Denoiser, x_t: Array,
-                   t: Array, s: Array) -> Array:
+                   t: Array, s: Array,
+                   options: SamplingOptions = SamplingOptions()) -> Array:
     """x_s from x_t (scalars t > s); at s == 0 the mean x0_hat, no noise."""
+    step_fn = SAMPLER_STEPS[self.sampler(options)]
     x0_hat, eps_hat = self.predict_x0(denoiser, x_t, t)
-    ab_t, ab_s = self.alpha_bar(t), self.alpha_bar(s)
+    ab_t = self.alpha_bar(t)
     if self.clamp:
       x0_hat = self._nearest_embedding(denoiser, x0_hat)
       eps_hat = (x_t - jnp.sqrt(ab_t) * x0_hat) / jnp.sqrt(1.0 - ab_t)
-    if self.sampler == "ddpm":
-      mean, _ = self.posterior_mean_variance(x_t, x0_hat, s, t)
-      var = self.reverse_variance_at(s, t)
-    else:
-      var = (self.ddim_eta ** 2 * (1.0 - ab_s) / (1.0 - ab_t)
-             * (1.0 - ab_t / ab_s))
-      mean = (jnp.sqrt(ab_s) * x0_hat
-              + jnp.sqrt(jnp.maximum(1.0 - ab_s - var, 0.0)) * eps_hat)
-    if self.sampler == "ddim" and self.ddim_eta == 0.0:
-      x_s = mean
-    else:
-      x_s = mean + jnp.sqrt(var) * jax.random.normal(key, x_t.shape)
+    mean, var = step_fn(self, x_t, x0_hat, eps_hat, s, t)
+    x_s = mean + jnp.sqrt(var) * jax.random.normal(key, x_t.shape)
     return jnp.where(s > 0, x_s, x0_hat)
 
-  def decode(self, denoiser: Denoiser, x0: Array) -> Array:
+  def decode(self, denoiser: Denoiser, x0: Array,
+             options: SamplingOptions = SamplingOptions()) -> Array:
+    del options
     return jnp.argmax(denoiser.round_logits(x0), axis=-1).astype(jnp.int32)
 
   def impose(self, key: Array, denoiser: Denoiser, x_t: Array, t: Array,
@@ -442,3 +376,4 @@ class GaussianProcess(Process):
         key, x0.shape)
     known = jnp.where(_bcast(t, x0) > 0, noised, x0)
     return jnp.where(cond_mask.astype(bool)[..., None], known, x_t)
+

@@ -30,7 +30,8 @@ Choices (documented here because they change numbers):
     with zero network output x0-hat is the posterior mean under a uniform
     token prior, so x0-hat stays exact as t -> 0 where the diffusion weight
     exp(-gamma) ~ 6e5 would otherwise amplify any network error.
-  * Defaults gamma in [-13.3, 5.0] (VDM's CIFAR-10 range): with unit-norm
+  * `schedule='linear_gamma'` (schedules.py), defaults gamma in
+    [gamma_min, gamma_max] = [-13.3, 5.0] (VDM's CIFAR-10 range): with unit-norm
     embeddings the decoder std exp(gamma_min / 2) ~ 1e-3 makes the
     reconstruction term ~0 and the prior costs ~0.004 nats per token.
   * Self-conditioning (PLAID, Chen et al. 2022): training draws one coin per
@@ -39,7 +40,8 @@ Choices (documented here because they change numbers):
     the two-pass prediction; either way x0-hat is a deterministic function of
     z_t, so the bound stays a valid VLB. The shared sampling loop instead
     carries the previous step's x0-hat as sampler state (PLAID's sample.py),
-    one network call per step.
+    one network call per step. `SamplingOptions.temperature` divides eps-hat
+    (PLAID's score temperature).
   * With `learned_schedule` gamma comes from `denoiser.gamma` (its slope by
     jax.jvp) and receives the plain ELBO gradient; VDM's variance-minimising
     schedule gradient is not implemented.
@@ -53,11 +55,20 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from diffusion_text.contract import cross_entropy
 from diffusion_text.processes.base import (Array, Bound, Denoiser, LossOutput,
-                                           ModelSpec, Process, make_bound,
-                                           bound_as_loss, masked_sum)
+                                           ModelSpec, Process, SamplingOptions,
+                                           bound_as_loss, make_bound,
+                                           masked_sum)
+from diffusion_text.processes.schedules import check_schedule, make_schedule
 
-_EMBED_NORMS = ("unit", "none")
+
+def _unit_rows(e_VxD: Array) -> Array:
+  return e_VxD / (jnp.linalg.norm(e_VxD, axis=-1, keepdims=True) + 1e-8)
+
+
+# embed_norm -> the map applied to the learned table E [V, D]
+_EMBED_NORMS = {"unit": _unit_rows, "none": lambda e_VxD: e_VxD}
 
 
 def alpha_sigma(gamma: Array) -> tuple[Array, Array]:
@@ -70,25 +81,27 @@ class GaussianVLBProcess(Process):
   """VDM/PLAID continuous-time Gaussian diffusion with the exact VLB."""
 
   latent_dim: int = 64            # embedding width D
+  schedule: str = "linear_gamma"  # gamma(t) = -log SNR (schedules.py)
   gamma_min: float = -13.3        # gamma(0) = -log SNR at t = 0 (VDM)
   gamma_max: float = 5.0          # gamma(1) = -log SNR at t = 1 (VDM)
   learned_schedule: bool = False  # gamma(t) from denoiser.gamma, else the line
   self_conditioning: bool = True  # PLAID two-pass x0-hat
   self_cond_rate: float = 0.5     # training: chance of the self-cond pass
   num_steps: int = 256            # default number of sampler steps
-  score_temperature: float = 1.0  # PLAID: eps-hat /= temperature at sampling
   embed_norm: str = "unit"        # 'unit' (rows of E have norm 1) or 'none'
   base_logits: bool = True        # add the exact Gaussian logits to the net's
 
+  SAMPLERS = ("ancestral",)
+  SAMPLING_KNOBS = ("temperature",)  # PLAID: eps-hat /= temperature
+
   def __post_init__(self):
+    check_schedule(self.schedule, ("linear_gamma",), "gaussian_vlb")
     if self.embed_norm not in _EMBED_NORMS:
       raise ValueError(f"embed_norm={self.embed_norm!r}; choose one of "
                        f"{', '.join(_EMBED_NORMS)}")
     if not self.gamma_max > self.gamma_min:
       raise ValueError(f"need gamma_min < gamma_max, got gamma_min="
                        f"{self.gamma_min}, gamma_max={self.gamma_max}")
-    if self.score_temperature <= 0:
-      raise ValueError("score_temperature must be > 0")
 
   @property
   def model_spec(self) -> ModelSpec:
@@ -104,7 +117,8 @@ class GaussianVLBProcess(Process):
     """gamma(t) = -log SNR(t), elementwise over t [N] (or a scalar)."""
     t = jnp.asarray(t, jnp.float32)
     if not self.learned_schedule:
-      return self.gamma_min + (self.gamma_max - self.gamma_min) * t
+      return make_schedule(self.schedule, gamma_min=self.gamma_min,
+                           gamma_max=self.gamma_max).gamma(t)
     if denoiser is None or denoiser.gamma is None:
       raise ValueError("learned_schedule=True needs a Denoiser with .gamma")
     return denoiser.gamma(t.reshape(-1)).reshape(t.shape).astype(jnp.float32)
@@ -119,10 +133,7 @@ class GaussianVLBProcess(Process):
   def embeddings(self, denoiser: Denoiser) -> Array:
     """The token embedding table E [V, D] the process diffuses."""
     e_VxD = denoiser.embed(jnp.arange(self.vocab_size)[None])[0]
-    e_VxD = e_VxD.astype(jnp.float32)
-    if self.embed_norm == "unit":
-      e_VxD = e_VxD / (jnp.linalg.norm(e_VxD, axis=-1, keepdims=True) + 1e-8)
-    return e_VxD
+    return _EMBED_NORMS[self.embed_norm](e_VxD.astype(jnp.float32))
 
   # ---- training --------------------------------------------------------------
   def sample_time(self, key: Array, batch: int) -> Array:
@@ -219,10 +230,8 @@ class GaussianVLBProcess(Process):
     eps0_BxLxD = jax.random.normal(rec_key, x_BxLxD.shape, jnp.float32)
     z0_BxLxD = alpha_sigma(gamma0)[0] * (
         x_BxLxD + jnp.exp(0.5 * gamma0) * eps0_BxLxD)
-    logits_BxLxV = self.decoder_logits(z0_BxLxD, e_VxD, gamma0)
-    target_BxL = jnp.take_along_axis(logits_BxLxV, tokens[..., None],
-                                     -1)[..., 0]
-    rec_BxL = jax.nn.logsumexp(logits_BxLxV, -1) - target_BxL
+    rec_BxL = cross_entropy(self.decoder_logits(z0_BxLxD, e_VxD, gamma0),
+                            tokens)
     # Diffusion: VDM eq. 17 with x-prediction, one antithetic t per sequence.
     t_B = self.sample_time(t_key, batch)
     gamma_B, dgamma_B = self.gamma_and_slope(t_B, denoiser)
@@ -252,26 +261,32 @@ class GaussianVLBProcess(Process):
     return jax.random.normal(key, (*shape, self.latent_dim), jnp.float32)
 
   def reverse_step(self, key: Array, denoiser: Denoiser, x_t: Array,
-                   t: Array, s: Array) -> Array:
+                   t: Array, s: Array,
+                   options: SamplingOptions = SamplingOptions()) -> Array:
     """Ancestral step z_t -> z_s from q(z_s | z_t, x = x0-hat) (VDM app. A.4,
     eq. 33) with the two-pass x0-hat; s == 0 gives the mean."""
-    return self._step(key, denoiser, x_t, t, s, None)[0]
+    return self._step(key, denoiser, x_t, t, s, None, options)[0]
 
-  def init_sampler_state(self, x_T: Array) -> Array:
+  def init_sampler_state(self, x_T: Array,
+                         options: SamplingOptions = SamplingOptions()) -> Array:
     """The previous step's x0-hat, fed back as self-conditioning (zeros)."""
+    del options
     return jnp.zeros_like(x_T)
 
   def reverse_step_with_state(self, key: Array, denoiser: Denoiser, x_t: Array,
-                              t: Array, s: Array, state: Array
+                              t: Array, s: Array, state: Array,
+                              options: SamplingOptions = SamplingOptions()
                               ) -> tuple[Array, Array]:
     """As `reverse_step`, but self-conditioned on the previous step's x0-hat
     (PLAID's sampler): one network call per step instead of two."""
-    if not self.self_conditioning:
-      return self._step(key, denoiser, x_t, t, s, None)
-    return self._step(key, denoiser, x_t, t, s, state)
+    self_cond = state if self.self_conditioning else None
+    return self._step(key, denoiser, x_t, t, s, self_cond, options)
 
   def _step(self, key: Array, denoiser: Denoiser, x_t: Array, t: Array,
-            s: Array, self_cond: Optional[Array]) -> tuple[Array, Array]:
+            s: Array, self_cond: Optional[Array],
+            options: SamplingOptions) -> tuple[Array, Array]:
+    self.sampler(options)  # validates the name and knobs
+    temperature = options.temperature
     batch = x_t.shape[0]
     t_B = jnp.full((batch,), t, jnp.float32)
     gammas = self.gamma(jnp.stack([jnp.asarray(t, jnp.float32),
@@ -287,9 +302,12 @@ class GaussianVLBProcess(Process):
       x0hat_BxLxD = self._x0hat(
           self._logits(denoiser, x_t, t_B, gamma_B, e_VxD, self_cond), e_VxD)
     x0_BxLxD = x0hat_BxLxD
-    if self.score_temperature != 1.0:
+    if temperature == 0.0:
+      raise ValueError("gaussian_vlb divides eps-hat by the temperature: "
+                       "use temperature > 0")
+    if temperature != 1.0:
       # PLAID: divide eps-hat by the temperature, then re-derive x0-hat.
-      eps_hat = (x_t - alpha_t * x0hat_BxLxD) / sigma_t / self.score_temperature
+      eps_hat = (x_t - alpha_t * x0hat_BxLxD) / sigma_t / temperature
       x0_BxLxD = (x_t - sigma_t * eps_hat) / alpha_t
     c = -jnp.expm1(gamma_s - gamma_t)  # 1 - SNR(t) / SNR(s)
     mean = alpha_s / alpha_t * (1.0 - c) * x_t + c * alpha_s * x0_BxLxD
@@ -297,8 +315,10 @@ class GaussianVLBProcess(Process):
     z_s = mean + std * jax.random.normal(key, x_t.shape, jnp.float32)
     return z_s, x0hat_BxLxD
 
-  def decode(self, denoiser: Denoiser, x0: Array) -> Array:
+  def decode(self, denoiser: Denoiser, x0: Array,
+             options: SamplingOptions = SamplingOptions()) -> Array:
     """Most likely token under the VDM decoder (the nearest embedding)."""
+    del options
     gamma0 = self.gamma(jnp.zeros((1,)), denoiser)[0]
     logits = self.decoder_logits(x0, self.embeddings(denoiser), gamma0)
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)

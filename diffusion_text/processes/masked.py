@@ -22,8 +22,8 @@ prior p(x_1) masks each token with probability 1 - alpha(1) and otherwise
 draws it uniformly; its KL to q(x_1 | x0) is alpha(1) log V per token,
 exactly 0 when alpha(1) = 0 (both schedules here, after clipping rounding).
 
-Sampling: ancestral on any time grid (MDLM eq. 7 / MD4 Alg. 2), or 'cached'
-(MDLM sec. 4.2), which skips the network when x_t did not change since the
+Sampling (`SamplingOptions`: sampler, temperature, top_p): 'ancestral' on
+any time grid (MDLM eq. 7 / MD4 Alg. 2), or 'cached' (MDLM sec. 4.2), which skips the network when x_t did not change since the
 last call. Caching is exact when the denoiser ignores t: set
 `time_conditioning=False` (MDLM's time-unconditioned models, sec. 4.2; the
 network then always sees t = 0); otherwise it reuses the prediction made at
@@ -38,32 +38,21 @@ import math
 import jax
 import jax.numpy as jnp
 
-from diffusion_text.processes import base
-from diffusion_text.processes.schedules import Schedule, make_schedule
+from diffusion_text.processes import base, transitions
+from diffusion_text.processes.base import SamplingOptions
+from diffusion_text.processes.schedules import (Schedule, check_schedule,
+                                                make_schedule)
 
 Array = jax.Array
-
-_SAMPLERS = ("ancestral", "cached")
-
-# 1 - alpha(t) without cancellation at small t, where 1 - alpha rounds to 0
-# in float32 (cos(pi/2 t) == 1 for t < ~3e-4) and the ELBO weight would be
-# inf * 0 = nan. Other schedules fall back to 1 - alpha(t).
-_COMPLEMENTS = {
-    "linear": lambda t: t,
-    "cosine": lambda t: 2.0 * jnp.sin(0.25 * math.pi * t) ** 2,
-}
 
 
 @dataclasses.dataclass(frozen=True)
 class MaskedProcess(base.Process):
   """Continuous-time absorbing diffusion (MDLM / MD4)."""
 
-  schedule: str = "linear"        # 'linear' (alpha = 1 - t) or 'cosine'
+  schedule: str = "linear"        # 'linear' (alpha = 1 - t), 'cosine', ...
   antithetic: bool = True         # stratified training times over the batch
   t_min: float = 1e-5             # times are drawn from (t_min, 1]
-  sampler: str = "ancestral"      # 'ancestral' or 'cached'
-  temperature: float = 1.0        # softmax temperature of p(x0 | x_t); 0: argmax
-  top_p: float = 1.0              # nucleus sampling mass (1: off)
   # Sample categoricals at float64-like resolution (MDLM recommends float64
   # Gumbel noise: float32 noise caps the Gumbel maximum near 16.6, which acts
   # like a lower temperature). With jax_enable_x64 on, the inverse CDF runs in
@@ -73,21 +62,22 @@ class MaskedProcess(base.Process):
   num_steps: int = 128            # default number of sampler steps
   time_conditioning: bool = True  # False: the network sees t = 0 (exact caching)
 
+  SAMPLERS = ("ancestral", "cached")
+  SAMPLING_KNOBS = ("temperature", "top_p")
+
   def __post_init__(self):
-    make_schedule(self.schedule)  # fails early on an unknown name
-    if self.sampler not in _SAMPLERS:
-      raise ValueError(f"unknown sampler {self.sampler!r} for process "
-                       f"'masked'; choose one of: {', '.join(_SAMPLERS)}")
+    check_schedule(self.schedule, process="masked")
     if not 0.0 <= self.t_min < 1.0:
       raise ValueError(f"t_min must be in [0, 1), got {self.t_min}")
-    if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
-      raise ValueError("need temperature >= 0 and 0 < top_p <= 1, got "
-                       f"temperature={self.temperature}, top_p={self.top_p}")
 
   # ---- schedule ------------------------------------------------------------
   @property
+  def transition(self) -> transitions.Absorbing:
+    return transitions.Absorbing(self.vocab_size)
+
+  @property
   def mask_id(self) -> int:
-    return self.vocab_size
+    return self.transition.mask_id
 
   @property
   def noise_schedule(self) -> Schedule:
@@ -98,11 +88,10 @@ class MaskedProcess(base.Process):
     return jnp.clip(self.noise_schedule.alpha(t), 0.0, 1.0)
 
   def mask_prob(self, t: Array) -> Array:
-    """1 - alpha(t), computed without cancellation where we know how."""
-    stable = _COMPLEMENTS.get(self.schedule)
-    if stable is None:
-      return 1.0 - self.alpha(t)
-    return jnp.clip(stable(jnp.asarray(t, jnp.float32)), 0.0, 1.0)
+    """1 - alpha(t), without cancellation at small t where the schedule
+    knows how (else the ELBO weight there would be inf * 0 = nan)."""
+    t = jnp.asarray(t, jnp.float32)
+    return jnp.clip(self.noise_schedule.one_minus_alpha(t), 0.0, 1.0)
 
   def loss_weight(self, t: Array) -> Array:
     """-alpha'(t) / (1 - alpha(t)): the ELBO weight of masked CE at time t."""
@@ -112,27 +101,25 @@ class MaskedProcess(base.Process):
   def model_spec(self) -> base.ModelSpec:
     return base.ModelSpec(input="tokens", output="logits",
                           output_dim=self.vocab_size,
-                          input_vocab=self.vocab_size + 1)
+                          input_vocab=self.transition.num_states)
 
   # ---- exact math (for tests against brute force) --------------------------
   def marginal_probs(self, x0: Array, t: Array) -> Array:
     """q(x_t | x0) over V + 1 states; t broadcasts against x0."""
-    a = jnp.broadcast_to(self.alpha(jnp.asarray(t, jnp.float32)),
-                         x0.shape)[..., None]
-    return (a * jax.nn.one_hot(x0, self.vocab_size + 1)
-            + (1.0 - a) * jax.nn.one_hot(self.mask_id, self.vocab_size + 1))
+    a = jnp.broadcast_to(self.alpha(jnp.asarray(t, jnp.float32)), x0.shape)
+    return self.transition.marginal(x0, a)
 
   def posterior_probs(self, x_t: Array, x0: Array, s: Array,
                       t: Array) -> Array:
     """q(x_s | x_t, x0) over V + 1 states for s < t (MDLM eq. 6)."""
     a_s = jnp.broadcast_to(self.alpha(jnp.asarray(s, jnp.float32)), x0.shape)
     a_t = jnp.broadcast_to(self.alpha(jnp.asarray(t, jnp.float32)), x0.shape)
-    unmask = ((a_s - a_t) / (1.0 - a_t))[..., None]
-    k = self.vocab_size + 1
-    from_mask = (unmask * jax.nn.one_hot(x0, k)
-                 + (1.0 - unmask) * jax.nn.one_hot(self.mask_id, k))
+    # From [MASK], x_s is x0 w.p. (a_s - a_t)/(1 - a_t), else still [MASK]:
+    # row x0 of the absorbing Q with that keep probability.
+    from_mask = self.transition.marginal(x0, (a_s - a_t) / (1.0 - a_t))
     is_mask = (x_t == self.mask_id)[..., None]
-    return jnp.where(is_mask, from_mask, jax.nn.one_hot(x_t, k))
+    return jnp.where(is_mask, from_mask,
+                     jax.nn.one_hot(x_t, self.transition.num_states))
 
   # ---- training ------------------------------------------------------------
   def sample_time(self, key: Array, batch: int) -> Array:
@@ -159,12 +146,12 @@ class MaskedProcess(base.Process):
                              masked_BxL)
     masked_ce_B = base.masked_sum(ce_BxL, masked_BxL)
     n_B = jnp.sum(real_BxL, axis=-1).astype(jnp.float32)
-    log_v = math.log(self.vocab_size)
     one = jnp.ones((), jnp.float32)
     return base.make_bound({
         "diffusion": (1.0 - self.t_min) * self.loss_weight(t_B) * masked_ce_B,
-        "prior": n_B * self.alpha(one) * log_v,
-        "reconstruction": n_B * self.mask_prob(self.t_min * one) * log_v,
+        "prior": n_B * self.transition.base_prior_kl(self.alpha(one)),
+        "reconstruction": n_B * self.mask_prob(self.t_min * one) * math.log(
+            self.vocab_size),
     })
 
   def loss(self, key: Array, denoiser: base.Denoiser, tokens: Array,
@@ -175,28 +162,23 @@ class MaskedProcess(base.Process):
   def prior(self, key: Array, shape: tuple[int, int]) -> Array:
     with jax.ensure_compile_time_eval():
       alpha_1 = float(self.alpha(jnp.ones((), jnp.float32)))
-    all_mask = jnp.full(shape, self.mask_id, jnp.int32)
-    if alpha_1 == 0.0:  # the usual case: no random numbers needed
-      return all_mask
-    keep_key, token_key = jax.random.split(key)
-    keep = jax.random.uniform(keep_key, shape) < alpha_1
-    tokens = jax.random.randint(token_key, shape, 0, self.vocab_size)
-    return jnp.where(keep, tokens, all_mask)
+    return self.transition.base_prior(key, shape, alpha_1)
 
   def _net_time(self, t_B: Array) -> Array:
     """The time the network sees: t, or 0 without time conditioning (the
     masked posterior depends on x_t alone; MDLM sec. 4.2)."""
     return t_B if self.time_conditioning else jnp.zeros_like(t_B)
 
-  def x0_probs(self, denoiser: base.Denoiser, x_t: Array, t: Array) -> Array:
+  def x0_probs(self, denoiser: base.Denoiser, x_t: Array, t: Array,
+               options: SamplingOptions = SamplingOptions()) -> Array:
     """p~(x0 | x_t) [B, L, V] after temperature and top-p (unnormalised)."""
     t_B = jnp.full((x_t.shape[0],), t, jnp.float32)
     logits_BxLxV = denoiser.predict(x_t, self._net_time(t_B)).astype(jnp.float32)
-    if self.temperature == 0.0:
+    if options.temperature == 0.0:
       return jax.nn.one_hot(jnp.argmax(logits_BxLxV, -1), self.vocab_size)
-    probs_BxLxV = jax.nn.softmax(logits_BxLxV / self.temperature, axis=-1)
-    if self.top_p < 1.0:
-      probs_BxLxV = _nucleus(probs_BxLxV, self.top_p)
+    probs_BxLxV = jax.nn.softmax(logits_BxLxV / options.temperature, axis=-1)
+    if options.top_p < 1.0:
+      probs_BxLxV = base.nucleus(probs_BxLxV, options.top_p)
     return probs_BxLxV
 
   def _draw(self, key: Array, probs_BxLxV: Array) -> Array:
@@ -226,49 +208,45 @@ class MaskedProcess(base.Process):
     return jnp.where((x_t == self.mask_id) & unmask_BxL, x0_BxL, x_t)
 
   def reverse_step(self, key: Array, denoiser: base.Denoiser, x_t: Array,
-                   t: Array, s: Array) -> Array:
-    return self._step_from_probs(key, self.x0_probs(denoiser, x_t, t),
+                   t: Array, s: Array,
+                   options: SamplingOptions = SamplingOptions()) -> Array:
+    self.sampler(options)  # validates the name and knobs
+    return self._step_from_probs(key, self.x0_probs(denoiser, x_t, t, options),
                                  x_t, t, s)
 
-  # Optional sampler-state protocol used by `diffusion_text.sampling`.
-  def init_sampler_state(self, x_T: Array):
+  # Sampler-state protocol (base.Process): the cached sampler's carry.
+  def init_sampler_state(self, x_T: Array,
+                         options: SamplingOptions = SamplingOptions()):
     """Carry of the cached sampler: (x at the last call, its p~(x0 | x))."""
-    if self.sampler != "cached":
+    if self.sampler(options) != "cached":
       return ()
     b, l = x_T.shape
     return (jnp.full_like(x_T, -1),  # matches no state: the first step calls
             jnp.zeros((b, l, self.vocab_size), jnp.float32))
 
   def reverse_step_with_state(self, key: Array, denoiser: base.Denoiser,
-                              x_t: Array, t: Array, s: Array, state):
-    if self.sampler != "cached":
-      return self.reverse_step(key, denoiser, x_t, t, s), state
+                              x_t: Array, t: Array, s: Array, state,
+                              options: SamplingOptions = SamplingOptions()):
+    if self.sampler(options) != "cached":
+      return self.reverse_step(key, denoiser, x_t, t, s, options), state
     x_seen, probs_seen = state
     probs_BxLxV = jax.lax.cond(
         jnp.any(x_t != x_seen),
-        lambda: self.x0_probs(denoiser, x_t, t),
+        lambda: self.x0_probs(denoiser, x_t, t, options),
         lambda: probs_seen)
     x_s = self._step_from_probs(key, probs_BxLxV, x_t, t, s)
     return x_s, (x_t, probs_BxLxV)
 
-  def decode(self, denoiser: base.Denoiser, x0: Array) -> Array:
+  def decode(self, denoiser: base.Denoiser, x0: Array,
+             options: SamplingOptions = SamplingOptions()) -> Array:
     """Ids; any [MASK] left (only if the grid stops above 0) gets the mode."""
+    del options  # the mode, whatever the sampler
     def fill(x):
       t = jnp.asarray(self.t_min, jnp.float32)
       x0_BxL = jnp.argmax(self.x0_probs(denoiser, x, t), -1)
       return jnp.where(x == self.mask_id, x0_BxL, x).astype(jnp.int32)
     x0 = x0.astype(jnp.int32)
     return jax.lax.cond(jnp.any(x0 == self.mask_id), fill, lambda x: x, x0)
-
-
-def _nucleus(probs_BxLxV: Array, top_p: float) -> Array:
-  """Zero the tail outside the smallest set with mass >= top_p (ties at the
-  threshold are all kept)."""
-  sorted_BxLxV = -jnp.sort(-probs_BxLxV, axis=-1)
-  mass_before = jnp.cumsum(sorted_BxLxV, axis=-1) - sorted_BxLxV
-  count_BxL = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1), 1)
-  threshold = jnp.take_along_axis(sorted_BxLxV, count_BxL[..., None] - 1, -1)
-  return jnp.where(probs_BxLxV >= threshold, probs_BxLxV, 0.0)
 
 
 def fine_gumbel(u_a: Array, u_b: Array) -> Array:

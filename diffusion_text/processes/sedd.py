@@ -33,13 +33,18 @@ prior is exact: p_base masks a token with probability 1 - alpha(1) and
 otherwise draws it uniformly (absorbing; exactly all-[MASK] when eps = 0), or
 is uniform (uniform graph); `prior()` samples this same p_base.
 
-Samplers (`sampler`): 'euler' (the reference EulerPredictor = SEDD eq. 17),
+Schedules (`schedule`, from schedules.py): 'loglinear' (alpha(1) = `eps`) or
+'geometric' (sigma_bar from `sigma_min` to `sigma_max`).
+
+Samplers (`SamplingOptions.sampler`): 'euler' (the reference EulerPredictor =
+SEDD eq. 17),
 'tau_leaping' (rates frozen at t: a token jumps with probability
 1 - exp(-(t - s) R_total), the chance of at least one Poisson event, to y with
 probability proportional to R_y; stay probability never negative) and
 'analytic' (Tweedie tau-leaping, eq. 19 / Algorithm 2, the reference
 AnalyticPredictor). The last step (s = 0 on `time_grid`) is always the
-Tweedie denoiser, so no [MASK] remains.
+Tweedie denoiser, so no [MASK] remains. The uniform graph lives in
+`sedd_uniform.py`.
 """
 
 from __future__ import annotations
@@ -50,75 +55,15 @@ import math
 import jax
 import jax.numpy as jnp
 
-from diffusion_text.processes import base
-from diffusion_text.processes.schedules import Schedule
+from diffusion_text.contract import cross_entropy
+from diffusion_text.processes import base, transitions
+from diffusion_text.processes.base import SamplingOptions
+from diffusion_text.processes.schedules import (Schedule, check_schedule,
+                                                make_schedule)
 
 Array = jax.Array
 
-_NOISES = ("loglinear", "geometric")
-_SAMPLERS = ("euler", "tau_leaping", "analytic")
-# Floor on the uniform graph's staggered score: exp(-sigma Q) has negative
-# entries, so an imperfect score can give negative Tweedie probabilities. The
-# same floored distribution is sampled and scored, so the bound stays valid.
-_STAG_FLOOR = 1e-20
-
-
-def _f32(t) -> Array:
-  return jnp.asarray(t, jnp.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class LogLinearNoise(Schedule):
-  """sigma_bar(t) = -log(1 - (1 - eps) t), alpha = 1 - (1 - eps) t (SEDD
-  noise_lib.LogLinearNoise; the MDLM linear schedule when eps = 0)."""
-
-  eps: float = 1e-3
-
-  def total(self, t):
-    return -jnp.log1p(-(1.0 - self.eps) * _f32(t))
-
-  def rate(self, t):
-    return (1.0 - self.eps) / self.alpha(t)
-
-  def alpha(self, t):
-    return 1.0 - (1.0 - self.eps) * _f32(t)
-
-  def one_minus_alpha(self, t):
-    return (1.0 - self.eps) * _f32(t)
-
-  def dalpha(self, t):
-    return -(1.0 - self.eps) * jnp.ones_like(_f32(t))
-
-  def alpha_end(self) -> float:
-    return self.eps
-
-
-@dataclasses.dataclass(frozen=True)
-class GeometricNoise(Schedule):
-  """sigma_bar(t) = sigma_min^(1-t) sigma_max^t (SEDD noise_lib.GeometricNoise).
-  sigma_bar(0) = sigma_min > 0: the reconstruction term covers it."""
-
-  sigma_min: float = 1e-4
-  sigma_max: float = 20.0
-
-  def total(self, t):
-    t = _f32(t)
-    return self.sigma_min ** (1.0 - t) * self.sigma_max ** t
-
-  def rate(self, t):
-    return self.total(t) * math.log(self.sigma_max / self.sigma_min)
-
-  def alpha(self, t):
-    return jnp.exp(-self.total(t))
-
-  def one_minus_alpha(self, t):
-    return -jnp.expm1(-self.total(t))
-
-  def dalpha(self, t):
-    return -self.rate(t) * self.alpha(t)
-
-  def alpha_end(self) -> float:
-    return math.exp(-self.sigma_max)
+_SCHEDULES = ("loglinear", "geometric")
 
 
 def _categorical(key: Array, weights_BxLxK: Array) -> Array:
@@ -134,7 +79,7 @@ def _categorical(key: Array, weights_BxLxK: Array) -> Array:
 
 def _expand(t: Array, ndim: int) -> Array:
   """[B] or scalar -> broadcastable against an array of rank `ndim`."""
-  t = _f32(t)
+  t = jnp.asarray(t, jnp.float32)
   return t.reshape(t.shape + (1,) * (ndim - t.ndim))
 
 
@@ -142,30 +87,24 @@ def _expand(t: Array, ndim: int) -> Array:
 class _SEDD(base.Process):
   """Noise, bound estimator and sampler plumbing shared by both graphs.
 
-  Each graph defines: num_states K; rate_matrix() Q [K, K] (row x: rates
-  x -> y); transp_transition(x, beta) = P(x_t = x | x_s = y) over y with
-  beta = alpha_t / alpha_s (reference `transp_transition`); marginal_probs
-  (x0, t) = q(x_t | x0) [..., K] with t scalar or [B]; corrupt; prior;
-  log_score (post-processed network output); dwdse (sigma(t) times the score
+  Each graph defines: `transition` (transitions.py: the absorbing or uniform
+  family of exp(sigma_bar Q), which fixes K, [MASK] and the marginals);
+  rate_matrix() Q [K, K] (row x: rates x -> y); prior; log_score (post-processed network output); dwdse (sigma(t) times the score
   entropy, per position); decoder_log_probs (log p_dec(x0 | x_t), Tweedie to
   noise 0); prior_kl_per_token; reverse_probs (unnormalised p(x_s | x_t)).
   """
 
-  noise: str = "loglinear"        # 'loglinear' or 'geometric'
+  schedule: str = "loglinear"     # 'loglinear' or 'geometric' (schedules.py)
   sigma_min: float = 1e-4         # geometric: sigma_bar(0)
   sigma_max: float = 20.0         # geometric: sigma_bar(1)
   eps: float = 1e-3               # loglinear: alpha(1) = eps
-  sampler: str = "euler"          # 'euler', 'tau_leaping' or 'analytic'
   num_steps: int = 128            # default number of sampler steps
   t_min: float = 1e-3             # bound integral and sampler stop at t_min
   recon_prob: float = 1.0 / 32    # share of sequences scoring the decoder
   antithetic: bool = True         # stratified times over the batch (MD4)
 
   def __post_init__(self):
-    if self.noise not in _NOISES:
-      raise ValueError(f"noise={self.noise!r}; choose one of {_NOISES}")
-    if self.sampler not in _SAMPLERS:
-      raise ValueError(f"sampler={self.sampler!r}; choose one of {_SAMPLERS}")
+    check_schedule(self.schedule, _SCHEDULES, "sedd")
     if not 0.0 < self.t_min < 1.0:
       raise ValueError(f"t_min={self.t_min} must lie in (0, 1)")
     if not 0.0 < self.recon_prob < 1.0:
@@ -173,24 +112,42 @@ class _SEDD(base.Process):
     if not 0.0 <= self.eps < 1.0:
       raise ValueError(f"eps={self.eps} must lie in [0, 1)")
 
+  SAMPLERS = ("euler", "tau_leaping", "analytic")
+
   # ---- noise -------------------------------------------------------------
   @property
-  def schedule(self) -> Schedule:
-    if self.noise == "loglinear":
-      return LogLinearNoise(self.eps)
-    return GeometricNoise(self.sigma_min, self.sigma_max)
+  def noise_schedule(self) -> Schedule:
+    return make_schedule(self.schedule, eps=self.eps,
+                         sigma_min=self.sigma_min, sigma_max=self.sigma_max)
 
   def total_noise(self, t) -> Array:
     """sigma_bar(t) (reference `noise.total_noise`)."""
-    return self.schedule.total(t)
+    return self.noise_schedule.total(t)
 
   def rate_noise(self, t) -> Array:
     """sigma(t) = d sigma_bar / dt (reference `noise.rate_noise`)."""
-    return self.schedule.rate(t)
+    return self.noise_schedule.rate(t)
 
   def alpha(self, t) -> Array:
     """exp(-sigma_bar(t)): the chance a token has not jumped by time t."""
-    return self.schedule.alpha(t)
+    return self.noise_schedule.alpha(t)
+
+  @property
+  def num_states(self) -> int:
+    return self.transition.num_states
+
+  def transp_transition(self, x: Array, beta) -> Array:
+    """P(x_t = x | x_s = y) over y [..., K], beta = alpha_t / alpha_s
+    (reference `transp_transition`): column x of Q(beta)."""
+    return self.transition.column(x, _expand(beta, x.ndim))
+
+  def marginal_probs(self, x0: Array, t) -> Array:
+    """q(x_t | x0) [..., K], t scalar or [B]: row x0 of Q(alpha(t))."""
+    return self.transition.marginal(x0, _expand(self.alpha(t), x0.ndim))
+
+  def corrupt(self, key: Array, x0: Array, t: Array) -> Array:
+    a = _expand(self.alpha(t), x0.ndim)
+    return self.transition.sample(key, x0, a).astype(jnp.int32)
 
   @property
   def model_spec(self) -> base.ModelSpec:
@@ -209,9 +166,8 @@ class _SEDD(base.Process):
 
   def posterior_probs(self, x_t: Array, x0: Array, s, t) -> Array:
     """q(x_s | x_t, x_0) [..., K] for s < t, by Bayes' rule."""
-    a_s = _expand(self.alpha(s), x0.ndim + 1)
-    a_t = _expand(self.alpha(t), x0.ndim + 1)
-    joint = self.marginal_probs(x0, s) * self.transp_transition(x_t, a_t / a_s)
+    beta = self.alpha(t) / self.alpha(s)
+    joint = self.marginal_probs(x0, s) * self.transp_transition(x_t, beta)
     return joint / jnp.sum(joint, axis=-1, keepdims=True)
 
   # ---- training ------------------------------------------------------------
@@ -253,20 +209,23 @@ class _SEDD(base.Process):
     return base.bound_as_loss(self.nll_bound(key, denoiser, tokens, mask), mask)
 
   # ---- sampling ------------------------------------------------------------
-  def time_grid(self, steps: int, length: int) -> Array:
+  def time_grid(self, steps: int, length: int,
+                options: SamplingOptions = SamplingOptions()) -> Array:
     """steps - 1 reverse-chain steps from 1 to t_min, then the denoiser to 0
     (the reference's grid plus its `denoise=True` step)."""
-    del length
+    del length, options
     return jnp.concatenate([jnp.linspace(1.0, self.t_min, steps),
                             jnp.zeros((1,))]).astype(jnp.float32)
 
   def reverse_step(self, key: Array, denoiser: base.Denoiser, x_t: Array,
-                   t: Array, s: Array) -> Array:
-    probs_BxLxK = self.reverse_probs(denoiser, x_t, t, s)
+                   t: Array, s: Array,
+                   options: SamplingOptions = SamplingOptions()) -> Array:
+    probs_BxLxK = self.reverse_probs(denoiser, x_t, t, s, options)
     return _categorical(key, probs_BxLxK)
 
-  def decode(self, denoiser: base.Denoiser, x0: Array) -> Array:
-    del denoiser
+  def decode(self, denoiser: base.Denoiser, x0: Array,
+             options: SamplingOptions = SamplingOptions()) -> Array:
+    del denoiser, options
     return x0
 
 
@@ -288,37 +247,21 @@ class SEDDAbsorb(_SEDD):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.schedule.alpha_end() == 0.0 and not self.scale_by_sigma:
+    if self.noise_schedule.alpha_end() == 0.0 and not self.scale_by_sigma:
       raise ValueError("eps=0 (sigma_bar(1) = inf) needs scale_by_sigma=True")
 
   @property
-  def mask_id(self) -> int:
-    return self.vocab_size
+  def transition(self) -> transitions.Absorbing:
+    return transitions.Absorbing(self.vocab_size)
 
   @property
-  def num_states(self) -> int:
-    return self.vocab_size + 1
+  def mask_id(self) -> int:
+    return self.transition.mask_id
 
   def rate_matrix(self) -> Array:
     k = self.num_states
     q_KxK = jnp.zeros((k, k)).at[:, self.mask_id].set(1.0) - jnp.eye(k)
     return q_KxK.at[self.mask_id].set(0.0)
-
-  def transp_transition(self, x: Array, beta) -> Array:
-    beta = _expand(beta, x.ndim + 1)
-    onehot = jax.nn.one_hot(x, self.num_states)
-    return beta * onehot + (1.0 - beta) * (x == self.mask_id)[..., None]
-
-  def marginal_probs(self, x0: Array, t) -> Array:
-    a = _expand(self.alpha(t), x0.ndim + 1)
-    k = self.num_states
-    return a * jax.nn.one_hot(x0, k) + (1.0 - a) * jax.nn.one_hot(
-        jnp.full_like(x0, self.mask_id), k)
-
-  def corrupt(self, key: Array, x0: Array, t: Array) -> Array:
-    a = _expand(self.alpha(t), x0.ndim)
-    masked = jax.random.uniform(key, x0.shape) >= a
-    return jnp.where(masked, self.mask_id, x0).astype(jnp.int32)
 
   def log_score(self, denoiser: base.Denoiser, x_t: Array,
                 t_B: Array) -> Array:
@@ -327,14 +270,14 @@ class SEDDAbsorb(_SEDD):
     raw_BxLxV = raw_BxLxV.astype(jnp.float32)
     if self.scale_by_sigma:
       return raw_BxLxV - math.log(self.vocab_size)
-    s = self.schedule
+    s = self.noise_schedule
     odds_B = jnp.log(s.one_minus_alpha(t_B)) - jnp.log(s.alpha(t_B))
     return raw_BxLxV + odds_B[:, None, None]
 
   def dwdse(self, score: Array, x_t: Array, x0: Array, t_B: Array) -> Array:
     """sigma(t) * score entropy per position [B, L] (graph_lib.score_entropy:
     ratio (sum s_hat - log s_hat_x0 - 1) at [MASK], ratio = alpha/(1-alpha))."""
-    s = self.schedule
+    s = self.noise_schedule
     weight_B = -s.dalpha(t_B) / s.one_minus_alpha(t_B)   # = sigma * ratio
     lse_BxL = jax.nn.logsumexp(score, axis=-1)
     target_BxL = jnp.take_along_axis(score, x0[..., None], -1)[..., 0]
@@ -346,50 +289,30 @@ class SEDDAbsorb(_SEDD):
                         t_B: Array) -> Array:
     """log p_dec(x0 | x_t) [B, L]: softmax(log s_hat) at [MASK], else exact."""
     del t_B
-    lse_BxL = jax.nn.logsumexp(score, axis=-1)
-    target_BxL = jnp.take_along_axis(score, x0[..., None], -1)[..., 0]
-    return jnp.where(x_t == self.mask_id, target_BxL - lse_BxL, 0.0)
+    return jnp.where(x_t == self.mask_id, -cross_entropy(score, x0), 0.0)
 
   def prior_kl_per_token(self) -> float:
     """KL((a delta_x0 + (1-a) delta_M) || p_base) = a log V, a = alpha(1)."""
-    return self.schedule.alpha_end() * math.log(self.vocab_size)
+    return self.transition.base_prior_kl(self.noise_schedule.alpha_end())
 
   def prior(self, key: Array, shape: tuple[int, int]) -> Array:
-    a = self.schedule.alpha_end()
-    all_mask = jnp.full(shape, self.mask_id, jnp.int32)
-    if a == 0.0:
-      return all_mask
-    keep_key, token_key = jax.random.split(key)
-    keep = jax.random.uniform(keep_key, shape) < a
-    tokens = jax.random.randint(token_key, shape, 0, self.vocab_size)
-    return jnp.where(keep, tokens, all_mask)
+    return self.transition.base_prior(key, shape,
+                                      self.noise_schedule.alpha_end())
 
   def reverse_probs(self, denoiser: base.Denoiser, x_t: Array, t: Array,
-                    s: Array) -> Array:
-    """Unnormalised p(x_s | x_t) [B, L, V+1] of the configured sampler.
+                    s: Array, options: SamplingOptions = SamplingOptions()
+                    ) -> Array:
+    """Unnormalised p(x_s | x_t) [B, L, V+1] of the chosen sampler.
 
     At [MASK] every sampler unmasks to y with c * s_hat_y and stays with the
-    rest: euler c = (t-s) sigma ratio (eq. 17), analytic c = (alpha_s -
-    alpha_t)/(1 - alpha_t) (eq. 19), tau_leaping c = P(jump)/sum s_hat; the
-    denoiser (s <= 0) c = 1 and never stays (reference `Denoiser`).
+    rest (`_ABSORB_STEPS`); the denoiser (s <= 0) c = 1 and never stays
+    (reference `Denoiser`).
     """
-    sch = self.schedule
+    step_fn = _ABSORB_STEPS[self.sampler(options)]
     t_B = jnp.full((x_t.shape[0],), t, jnp.float32)
     s_hat_BxLxV = jnp.exp(self.log_score(denoiser, x_t, t_B))
     total_BxL = jnp.sum(s_hat_BxLxV, axis=-1)
-    one_minus_a_t = sch.one_minus_alpha(t)
-    if self.sampler == "analytic":
-      c = (sch.alpha(s) - sch.alpha(t)) / one_minus_a_t
-      stay_BxL = jnp.maximum(1.0 - c * total_BxL, 0.0)
-    else:
-      rate = (t - s) * -sch.dalpha(t) / one_minus_a_t
-      if self.sampler == "euler":
-        c = rate
-        stay_BxL = jnp.maximum(1.0 - c * total_BxL, 0.0)
-      else:
-        jump_BxL = -jnp.expm1(-rate * total_BxL)
-        c = jump_BxL / total_BxL
-        stay_BxL = 1.0 - jump_BxL
+    c, stay_BxL = step_fn(self.noise_schedule, t, s, total_BxL)
     final = s <= 0.0
     c = jnp.where(final, 1.0, c)
     stay_BxL = jnp.where(final, 0.0, stay_BxL)
@@ -399,134 +322,32 @@ class SEDDAbsorb(_SEDD):
     return jnp.where((x_t == self.mask_id)[..., None], probs_BxLxK, keep_BxLxK)
 
 
-@dataclasses.dataclass(frozen=True)
-class SEDDUniform(_SEDD):
-  """SEDD with Q_uniform = 11^T/K - I over the K = V data tokens.
+def _absorb_rate(sch: Schedule, t, s):
+  """(t - s) sigma(t) alpha_t / (1 - alpha_t): the unmasking rate over a step."""
+  return (t - s) * -sch.dalpha(t) / sch.one_minus_alpha(t)
 
-  The score is log s [B, L, K], log s_y = log p_t(y)/p_t(x_t), with the
-  current token's entry set to 0 (the reference model's final scatter).
-  """
 
-  def __post_init__(self):
-    super().__post_init__()
-    if self.schedule.alpha_end() == 0.0:
-      raise ValueError("the uniform graph needs alpha(1) > 0 (eps > 0)")
+def _absorb_euler(sch: Schedule, t, s, total_BxL):
+  """Euler (eq. 17): c = (t - s) sigma ratio."""
+  c = _absorb_rate(sch, t, s)
+  return c, jnp.maximum(1.0 - c * total_BxL, 0.0)
 
-  @property
-  def num_states(self) -> int:
-    return self.vocab_size
 
-  def rate_matrix(self) -> Array:
-    k = self.num_states
-    return jnp.full((k, k), 1.0 / k) - jnp.eye(k)
+def _absorb_tau_leaping(sch: Schedule, t, s, total_BxL):
+  """Rates frozen at t: c = P(jump) / sum s_hat, never a negative stay."""
+  jump_BxL = -jnp.expm1(-_absorb_rate(sch, t, s) * total_BxL)
+  return jump_BxL / total_BxL, 1.0 - jump_BxL
 
-  def transp_transition(self, x: Array, beta) -> Array:
-    beta = _expand(beta, x.ndim + 1)
-    return beta * jax.nn.one_hot(x, self.num_states) + (1.0 - beta) / self.num_states
 
-  def marginal_probs(self, x0: Array, t) -> Array:
-    return self.transp_transition(x0, self.alpha(t))
+def _absorb_analytic(sch: Schedule, t, s, total_BxL):
+  """Tweedie (eq. 19): c = (alpha_s - alpha_t) / (1 - alpha_t)."""
+  c = (sch.alpha(s) - sch.alpha(t)) / sch.one_minus_alpha(t)
+  return c, jnp.maximum(1.0 - c * total_BxL, 0.0)
 
-  def corrupt(self, key: Array, x0: Array, t: Array) -> Array:
-    move_key, token_key = jax.random.split(key)
-    a = _expand(self.alpha(t), x0.ndim)
-    move = jax.random.uniform(move_key, x0.shape) >= a
-    tokens = jax.random.randint(token_key, x0.shape, 0, self.num_states)
-    return jnp.where(move, tokens, x0).astype(jnp.int32)
 
-  def log_score(self, denoiser: base.Denoiser, x_t: Array,
-                t_B: Array) -> Array:
-    raw_BxLxK = denoiser.predict(x_t, t_B).astype(jnp.float32)
-    current_BxLxK = jax.nn.one_hot(x_t, self.num_states, dtype=bool)
-    return jnp.where(current_BxLxK, 0.0, raw_BxLxK)
-
-  def dwdse(self, score: Array, x_t: Array, x0: Array, t_B: Array) -> Array:
-    """sigma(t) * score entropy per position [B, L] (graph_lib.score_entropy).
-
-    (1/K) sum_{y != x} r_y h(log s_y - log r_y), h(d) = e^d - 1 - d >= 0,
-    with the true ratios r_y = rho (x = x0, rho = (1-a)/(1-a+Ka)), 1/rho
-    (y = x0 != x) or 1: the reference's pos - neg + const, term by term.
-    """
-    k = self.num_states
-    sch = self.schedule
-    a_B, om_B = sch.alpha(t_B), sch.one_minus_alpha(t_B)
-    log_rho_B = jnp.log(om_B) - jnp.log(om_B + k * a_B)
-    y_K = jnp.arange(k)
-    at_x0_BxLxK = y_K == x0[..., None]
-    clean_BxLx1 = (x_t == x0)[..., None]
-    log_rho = log_rho_B[:, None, None]
-    log_r_BxLxK = jnp.where(clean_BxLx1, log_rho,
-                            jnp.where(at_x0_BxLxK, -log_rho, 0.0))
-    d_BxLxK = score - log_r_BxLxK
-    term_BxLxK = jnp.exp(log_r_BxLxK) * (jnp.expm1(d_BxLxK) - d_BxLxK)
-    term_BxLxK = jnp.where(y_K == x_t[..., None], 0.0, term_BxLxK)
-    return sch.rate(t_B)[:, None] * jnp.sum(term_BxLxK, axis=-1) / k
-
-  def _tweedie(self, score: Array, x_t: Array, beta) -> Array:
-    """Unnormalised Tweedie p(x_s | x_t) [B, L, K], beta = alpha_t/alpha_s:
-    (exp(-dsigma Q) s)_y * exp(dsigma Q)(x_t, y) (reference staggered_score *
-    transp_transition), times beta so nothing is divided by it."""
-    k = self.num_states
-    beta = _expand(beta, x_t.ndim + 1)
-    s_BxLxK = jnp.exp(score)
-    mean_BxLx1 = jnp.sum(s_BxLxK, axis=-1, keepdims=True) / k
-    stag_BxLxK = jnp.maximum(s_BxLxK - (1.0 - beta) * mean_BxLx1,
-                             _STAG_FLOOR * mean_BxLx1)
-    return stag_BxLxK * self.transp_transition(x_t, beta)
-
-  def decoder_log_probs(self, score: Array, x_t: Array, x0: Array,
-                        t_B: Array) -> Array:
-    """log p_dec(x0 | x_t) [B, L]: Tweedie from t to noise 0 (alpha_0 = 1)."""
-    w_BxLxK = self._tweedie(score, x_t, self.alpha(t_B))
-    target_BxL = jnp.take_along_axis(w_BxLxK, x0[..., None], -1)[..., 0]
-    return jnp.log(target_BxL) - jnp.log(jnp.sum(w_BxLxK, axis=-1))
-
-  def prior_kl_per_token(self) -> float:
-    """KL(q(x_1 | x0) || uniform) with q(x0) = a + (1-a)/K, a = alpha(1)."""
-    k, a = self.num_states, self.schedule.alpha_end()
-    q0 = a + (1.0 - a) / k
-    return q0 * math.log(k * q0) + (1.0 - q0) * math.log1p(-a)
-
-  def prior(self, key: Array, shape: tuple[int, int]) -> Array:
-    return jax.random.randint(key, shape, 0, self.num_states, jnp.int32)
-
-  def reverse_probs(self, denoiser: base.Denoiser, x_t: Array, t: Array,
-                    s: Array) -> Array:
-    """Unnormalised p(x_s | x_t) [B, L, K] of the configured sampler; the
-    Tweedie denoiser to noise 0 when s <= 0.
-
-    euler: (t-s) sigma s_y / K off the current token (eq. 17); tau_leaping:
-    P(jump) = 1 - exp(-(t-s) R), R = sigma sum_{y != x} s_y / K, split in
-    proportion to s_y; analytic: Tweedie from alpha_t to alpha_s (eq. 19).
-    """
-    sch = self.schedule
-    k = self.num_states
-    t_B = jnp.full((x_t.shape[0],), t, jnp.float32)
-    score = self.log_score(denoiser, x_t, t_B)
-    a_t = sch.alpha(t)
-    final = s <= 0.0
-    if self.sampler == "analytic":
-      beta = jnp.where(final, a_t, a_t / sch.alpha(s))
-      return self._tweedie(score, x_t, beta)
-
-    current_BxLxK = jax.nn.one_hot(x_t, k, dtype=bool)
-
-    def chain_step(score):
-      s_BxLxK = jnp.where(current_BxLxK, 0.0, jnp.exp(score))
-      out_BxL = jnp.sum(s_BxLxK, axis=-1)
-      step = (t - s) * sch.rate(t) / k
-      if self.sampler == "euler":
-        move_BxLxK = step * s_BxLxK
-        stay_BxL = jnp.maximum(1.0 - step * out_BxL, 0.0)
-      else:
-        x_BxL = step * out_BxL
-        # (1 - e^-x) / x, -> 1 as x -> 0.
-        safe_BxL = jnp.maximum(x_BxL, 1e-6)
-        phi_BxL = jnp.where(x_BxL > 1e-6, -jnp.expm1(-safe_BxL) / safe_BxL,
-                            1.0 - 0.5 * x_BxL)
-        move_BxLxK = (step * phi_BxL)[..., None] * s_BxLxK
-        stay_BxL = 1.0 - x_BxL * phi_BxL
-      return jnp.where(current_BxLxK, stay_BxL[..., None], move_BxLxK)
-
-    return jax.lax.cond(final, lambda sc: self._tweedie(sc, x_t, a_t),
-                        chain_step, score)
+# sampler name -> (schedule, t, s, sum s_hat) -> (unmask coefficient c, stay)
+_ABSORB_STEPS = {
+    "euler": _absorb_euler,
+    "tau_leaping": _absorb_tau_leaping,
+    "analytic": _absorb_analytic,
+}

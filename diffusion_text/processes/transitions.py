@@ -1,5 +1,5 @@
 """Closed-form D3PM transition families (Austin et al. 2021, sec. 3 and
-appendix A.2), used by `categorical.py`.
+appendix A.2), used by `categorical.py`, `masked.py` and `sedd.py`.
 
 Both families have the form
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -127,3 +128,22 @@ class Absorbing(Transition):
   def sample(self, key: Array, x: Array, r: Array) -> Array:
     keep = jax.random.uniform(key, x.shape) < r
     return jnp.where(keep, x, jnp.asarray(self.mask_id, x.dtype))
+
+  def base_prior(self, key: Array, shape: tuple[int, ...],
+                 alpha_1: float) -> Array:
+    """Draw from p_base = alpha_1 Uniform(V) + (1 - alpha_1) delta_[MASK],
+    the prior matching q(x_1 | x_0) of a schedule ending at alpha(1) =
+    alpha_1 up to alpha_1 log V nats per token (`base_prior_kl`); all
+    [MASK] without random numbers when alpha_1 = 0 (MDLM, SEDD)."""
+    all_mask = jnp.full(shape, self.mask_id, jnp.int32)
+    if alpha_1 == 0.0:
+      return all_mask
+    keep_key, token_key = jax.random.split(key)
+    keep = jax.random.uniform(keep_key, shape) < alpha_1
+    tokens = jax.random.randint(token_key, shape, 0, self.vocab_size)
+    return jnp.where(keep, tokens, all_mask)
+
+  def base_prior_kl(self, alpha_1):
+    """KL(alpha_1 delta_x0 + (1 - alpha_1) delta_M || p_base) per token:
+    alpha_1 log V."""
+    return alpha_1 * math.log(self.vocab_size)

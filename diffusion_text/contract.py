@@ -1,0 +1,81 @@
+"""The contract between the network and the processes.
+
+`models/` builds a backbone from a `ModelSpec` and hands it over as a
+`Denoiser`; `processes/` asks for a `ModelSpec` and receives a `Denoiser`.
+Both import this module and neither imports the other (DESIGN.md section 6):
+it holds plain dataclasses of callables, no Flax and no process math.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Denoiser:
+  """The network as the process sees it: callables bound to parameters.
+
+  predict(x_t, t, self_cond=None) -> output
+      x_t: int32 [B, L] token ids (token stem) or float [B, L, D] latents;
+      t: float [B] in [0, 1]; output: logits [B, L, V_out] or a vector
+      [B, L, D] (see `ModelSpec.output`).
+  embed(ids [B, L]) -> [B, L, D]: learned token embeddings (Gaussian only).
+  round_logits(x [B, L, D]) -> [B, L, V]: logits of p(w | x) (Gaussian only).
+  gamma(t [B]) -> [B]: a learned noise schedule gamma(t) = -log SNR(t),
+      monotone increasing in t (only with `ModelSpec.learned_schedule`).
+  target_nll(x_t, t [B], target [B, L], where [B, L]) -> [B, L]: optional
+      fused -log softmax(predict(x_t, t))[target] evaluated only where
+      `where` holds (values elsewhere arbitrary); see `target_nll` below.
+  """
+
+  predict: Callable[..., Array]
+  embed: Optional[Callable[[Array], Array]] = None
+  round_logits: Optional[Callable[[Array], Array]] = None
+  gamma: Optional[Callable[[Array], Array]] = None
+  target_nll: Optional[Callable[..., Array]] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """What a process needs from the backbone; the model builder reads it.
+
+  input: 'tokens' (embedding stem over `input_vocab` ids) or 'latents'
+      (a projection stem over `latent_dim`-dimensional vectors).
+  output: 'logits' (a head over `output_dim` classes) or 'vector' (a head
+      of size `output_dim` in latent space).
+  embed_vocab: size of a learned token-embedding table of width `latent_dim`
+      exposed as `Denoiser.embed` / `round_logits` (Gaussian processes).
+  causal: causal attention (the AR baseline).
+  self_conditioning: `predict` accepts a `self_cond` input of the same shape
+      as its latent input.
+  learned_schedule: the model carries a monotone network gamma(t) = -log SNR
+      exposed as `Denoiser.gamma`, initialised to the line from
+      gamma_range[0] (t=0) to gamma_range[1] (t=1) (Kingma et al. 2021 sec. 5).
+  """
+
+  input: str
+  output: str
+  output_dim: int
+  input_vocab: Optional[int] = None
+  latent_dim: Optional[int] = None
+  embed_vocab: Optional[int] = None
+  causal: bool = False
+  self_conditioning: bool = False
+  learned_schedule: bool = False
+  gamma_range: tuple[float, float] = (-10.0, 10.0)
+
+
+def cross_entropy(logits_BxLxV: Array, target_BxL: Array) -> Array:
+  """-log softmax(logits)[target] [B, L] in float32, as logsumexp minus the
+  target logit (no [B, L, V] log-probabilities). The dense reference of
+  `Denoiser.target_nll`; every process's cross-entropy is this one."""
+  logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+  target_BxL = jnp.take_along_axis(
+      logits_BxLxV, target_BxL[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return jax.nn.logsumexp(logits_BxLxV, axis=-1) - target_BxL

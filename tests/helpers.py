@@ -1,0 +1,18 @@
+"""Shared test fixtures for processes and the sampling loop."""
+
+import jax.numpy as jnp
+
+from diffusion_text.contract import Denoiser
+
+
+def constant_logits(logits, embed=None) -> Denoiser:
+  """A denoiser predicting the same logits ([V], or [L, V] per position) at
+  every position, whatever x_t (ids [B, L] or latents [B, L, D]), t and
+  self-conditioning; `embed` is passed through for Gaussian processes."""
+  logits = jnp.asarray(logits, jnp.float32)
+
+  def predict(x, t, self_cond=None):
+    del t, self_cond
+    return jnp.broadcast_to(logits, x.shape[:2] + logits.shape[-1:])
+
+  return Denoiser(predict=predict, embed=embed)
