@@ -69,7 +69,7 @@ def paper_scale(benchmark: str, process: str, **options) -> Config:
       name=f"{benchmark}_{process}",
       process=ProcessConfig(name=process, options=dict(options)),
       model=ModelConfig(num_layers=12, d_model=768, num_heads=12, mlp_ratio=4,
-                        latent_dim=64, cond_dim=128),
+                        cond_dim=128),
       data=DataConfig(batch_size=512, **data),
       train=TrainConfig(steps=steps, lr=3e-4, warmup_steps=warmup,
                         min_lr_ratio=final_lr, weight_decay=0.0, b2=0.999,
