@@ -71,20 +71,10 @@ def check_process(cfg: config_lib.Config) -> None:
   if "vocab_size" in options:
     raise config_lib.ConfigError(
         "process.vocab_size comes from the tokenizer; drop that --set")
-  check = getattr(processes, "check_options", None)
-  if check is not None:
-    try:
-      check(name, options)
-    except ValueError as e:
-      raise config_lib.ConfigError(f"{e} (process.KEY=VALUE)") from None
-    return
-  # Until processes.check_options exists: option names only.
-  valid = set(processes.option_names(name)) - {"vocab_size"}
-  unknown = sorted(set(options) - valid)
-  if unknown:
-    raise config_lib.ConfigError(
-        f"unknown option(s) {unknown} for process {name!r}; "
-        f"valid: {', '.join(sorted(valid))}")
+  try:
+    processes.check_options(name, options)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"{e} (process.KEY=VALUE)") from None
 
 
 def build_process(cfg: config_lib.Config, vocab_size: int) -> processes.Process:

@@ -2,10 +2,10 @@
 
 import pytest
 
-from diffusion_text import config, processes
+from diffusion_text import config, processes, run
 
 TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2",
-        "model.latent_dim=8", "model.cond_dim=16", "data.batch_size=4",
+        "model.cond_dim=16", "data.batch_size=4",
         "train.steps=2"]
 # The published data protocol of each benchmark (docs/benchmarks.md).
 PROTOCOL = {"text8": ("text8", "text8", 256), "lm1b": ("lm1b", "bert", 128),
@@ -24,6 +24,7 @@ def test_preset_instantiates_at_tiny_width(benchmark, process):
   config.validate(full)
   tiny = config.apply_overrides(full, TINY)
   config.validate(tiny)
+  run.check_process(tiny)
   assert tiny.model.d_model == 32 and tiny.data.seq_len == full.data.seq_len
 
 
