@@ -137,6 +137,13 @@ def matmul_peak(n: int, repeats: int = 5) -> float:
   return 2 * n ** 3 / statistics.median(times)
 
 
+def bracket_peak(before: float, after: float) -> dict:
+  """The peak for a measurement timed between two peak measurements: their
+  mean, so load that changes during the measurement is shared fairly."""
+  return {"matmul_peak_flops_per_s": (before + after) / 2,
+          "matmul_peak_before": before, "matmul_peak_after": after}
+
+
 def memory_now() -> dict:
   """Device allocator peak where the backend reports one, else peak RSS."""
   stats = jax.devices()[0].memory_stats() or {}
@@ -224,6 +231,7 @@ def bench_train(name: str, shape: Shape, steps: int, warmup: int) -> dict:
   compiled = lowered.compile()
   t2 = time.perf_counter()
   state, times = ts.state, []
+  peak_before = matmul_peak(shape.matmul_n)
   for i in range(warmup + steps):
     key = jax.random.fold_in(base_key, i)  # as the trainer keys its steps
     s0 = time.perf_counter()
@@ -233,15 +241,16 @@ def bench_train(name: str, shape: Shape, steps: int, warmup: int) -> dict:
   step_s = statistics.median(times[warmup:])
   flops = model_flops(cfg, shape.vocab)
   tokens = shape.batch * shape.seq_len
-  peak = matmul_peak(shape.matmul_n)
+  peak = bracket_peak(peak_before, matmul_peak(shape.matmul_n))
   return {
       "process": name, "params": ts.params,
       "step_s": step_s, "step_s_all": times[warmup:],
       "tokens_per_s": tokens / step_s,
       "model_flops_per_step": flops["train_per_token"] * tokens,
       "model_flops_per_s": flops["train_per_token"] * tokens / step_s,
-      "matmul_peak_flops_per_s": peak,
-      "fraction_of_peak": flops["train_per_token"] * tokens / step_s / peak,
+      **peak,
+      "fraction_of_peak": (flops["train_per_token"] * tokens / step_s
+                           / peak["matmul_peak_flops_per_s"]),
       "xla_flops_per_step": xla_flops(compiled),
       "trace_lower_s": t1 - t0, "compile_s": t2 - t1,
       "first_step_s": times[0], "loss_after": loss,
@@ -305,11 +314,13 @@ def bench_sampler(name: str, label: str, sampler: Optional[str],
   _block(compiled(key, params))
   t2 = time.perf_counter()
   times = []
+  peak_before = matmul_peak(shape.matmul_n)
   for i in range(repeats):
     s0 = time.perf_counter()
     _block(compiled(jax.random.key(1 + i), params))
     times.append(time.perf_counter() - s0)
   wall = statistics.median(times)
+  peak = bracket_peak(peak_before, matmul_peak(shape.matmul_n))
   calls = None
   if count_calls:
     counter = [0]
@@ -319,7 +330,6 @@ def bench_sampler(name: str, label: str, sampler: Optional[str],
     jax.effects_barrier()
     calls = counter[0]
   steps = process.num_sampling_steps(shape.sample_steps, length)
-  peak = matmul_peak(shape.matmul_n)
   row = {"process": name, "sampler": label, "num": num, "length": length,
          "steps_requested": shape.sample_steps, "steps_run": steps,
          "compile_s": t1 - t0, "first_call_s": t2 - t1, "wall_s": wall,
@@ -327,11 +337,12 @@ def bench_sampler(name: str, label: str, sampler: Optional[str],
          "tokens_per_s": num * length / wall, "network_calls": calls,
          "calls_method": "runtime jax.debug.callback count, untimed run"
                          if count_calls else None,
-         "matmul_peak_flops_per_s": peak}
+         **peak}
   if calls is not None:
     fwd = model_flops(cfg, shape.vocab)["forward_per_token"]
     row["model_flops"] = calls * fwd * num * length
-    row["fraction_of_peak"] = row["model_flops"] / wall / peak
+    row["fraction_of_peak"] = (row["model_flops"] / wall
+                               / peak["matmul_peak_flops_per_s"])
   return row
 
 

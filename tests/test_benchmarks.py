@@ -51,7 +51,8 @@ def test_train_rows(result):
   tokens = run.SMOKE.batch * run.SMOKE.seq_len
   for r in res["train"]:
     for key in ("tokens_per_s", "step_s", "model_flops_per_s",
-                "matmul_peak_flops_per_s", "fraction_of_peak", "compile_s",
+                "matmul_peak_flops_per_s", "matmul_peak_before",
+                "matmul_peak_after", "fraction_of_peak", "compile_s",
                 "process_peak_rss_mb", "params"):
       assert _positive(r[key]), (r["process"], key, r[key])
     # One FLOP count for every process: the dense reference model's.
