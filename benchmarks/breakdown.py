@@ -5,13 +5,15 @@ benchmark configuration it times, each jitted on its own with the same batch:
 
   step       the trainer's step (run.trainer_step), as run.py times it;
   loss_fwd   process.loss forward only;
-  loss_grad  value_and_grad of process.loss w.r.t. the parameters;
+  loss_grad  value_and_grad of process.loss w.r.t. the parameters, with
+             and without the metrics the step returns kept live;
   calls      each network callable the loss makes (predict, target_nll,
              round_logits, embed, gamma), forward + backward w.r.t. the
              parameters on the exact arguments the loss passes (captured
              by one eager evaluation of the loss).
 
-so optimizer + EMA ~ step - loss_grad, and the process's own work outside
+so optimizer + EMA ~ step - loss_grad with metrics, the metrics' own cost
+~ the difference of the two loss_grads, and the process's own work outside
 the network ~ loss_grad - sum(calls).
 
   python -m benchmarks.breakdown gaussian d3pm_uniform [--smoke]
@@ -70,14 +72,19 @@ def breakdown(name: str, shape: run.Shape, repeats: int) -> dict:
   batch = {k: jnp.asarray(v) for k, v in run.random_batch(shape).items()}
   key = jax.random.key(0)
 
-  def loss(p, k):
+  def loss_metrics(p, k):
     out = process.loss(k, as_denoiser(nnx.merge(graphdef, p)),
                        batch["tokens"], batch["mask"])
-    return out.loss
+    return out.loss, out.metrics
+  loss = lambda p, k: loss_metrics(p, k)[0]
+  with_metrics = jax.value_and_grad(loss_metrics, has_aux=True)
   out = {"process": name,
          "loss_fwd_s": _median_s(jax.jit(loss), params, key, repeats=repeats),
          "loss_grad_s": _median_s(jax.jit(jax.value_and_grad(loss)), params,
-                                  key, repeats=repeats)}
+                                  key, repeats=repeats),
+         # As the step differentiates it: the metrics stay live.
+         "loss_grad_metrics_s": _median_s(jax.jit(with_metrics), params, key,
+                                          repeats=repeats)}
   calls = []
   for cname, args, kwargs in capture_calls(process, graphdef, params, key,
                                            batch):
@@ -106,7 +113,8 @@ def breakdown(name: str, shape: run.Shape, repeats: int) -> dict:
   out["step_s"] = statistics.median(times[1:])
   net = sum(c["fwd_bwd_s"] for c in calls)
   out["network_fwd_bwd_s"] = net
-  out["optimizer_ema_s"] = out["step_s"] - out["loss_grad_s"]
+  out["metrics_s"] = out["loss_grad_metrics_s"] - out["loss_grad_s"]
+  out["optimizer_ema_s"] = out["step_s"] - out["loss_grad_metrics_s"]
   out["process_outside_network_s"] = out["loss_grad_s"] - net
   return out
 
@@ -125,7 +133,8 @@ def main(argv=None) -> int:
     r = breakdown(name, shape, args.repeats)
     rows.append(r)
     print(f"{name}: step {r['step_s']:.3f} s = loss fwd+bwd "
-          f"{r['loss_grad_s']:.3f} (fwd {r['loss_fwd_s']:.3f}) + optimizer/EMA "
+          f"{r['loss_grad_s']:.3f} (fwd {r['loss_fwd_s']:.3f}) + metrics "
+          f"{r['metrics_s']:.3f} + optimizer/EMA "
           f"{r['optimizer_ema_s']:.3f}; network calls fwd+bwd "
           f"{r['network_fwd_bwd_s']:.3f}, process work outside them "
           f"{r['process_outside_network_s']:.3f}", flush=True)
