@@ -354,7 +354,8 @@ def host_info() -> dict:
           "devices": jax.device_count(), "platform": platform.platform(),
           "python": platform.python_version(),
           "xla_flags": os.environ.get("XLA_FLAGS"),
-          "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+          "load_avg_1m": (round(os.getloadavg()[0], 2)
+                          if hasattr(os, "getloadavg") else None)}
 
 
 def add_targets(result: dict) -> None:
