@@ -1,0 +1,151 @@
+"""Where one process's train step spends its time, by timed sub-computations.
+
+Diagnostic only (results.json comes from run.py). For a process at the
+benchmark configuration it times, each jitted on its own with the same batch:
+
+  step       the trainer's step (run.trainer_step), as run.py times it;
+  loss_fwd   process.loss forward only;
+  loss_grad  value_and_grad of process.loss w.r.t. the parameters, with
+             and without the metrics the step returns kept live;
+  calls      each network callable the loss makes (predict, target_nll,
+             round_logits, embed, gamma), forward + backward w.r.t. the
+             parameters on the exact arguments the loss passes (captured
+             by one eager evaluation of the loss).
+
+so optimizer + EMA ~ step - loss_grad with metrics, the metrics' own cost
+~ the difference of the two loss_grads, and the process's own work outside
+the network ~ loss_grad - sum(calls).
+
+  python -m benchmarks.breakdown gaussian d3pm_uniform [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from benchmarks import run
+from diffusion_text.models import as_denoiser
+
+CALLABLES = ("predict", "target_nll", "round_logits", "embed", "gamma")
+
+
+def _median_s(fn, *args, repeats: int = 3) -> float:
+  jax.block_until_ready(fn(*args))  # compile + warm up
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def capture_calls(process, graphdef, params, key, batch) -> list:
+  """(callable name, concrete args) of every network call in one loss."""
+  calls = []
+  d = as_denoiser(nnx.merge(graphdef, params))
+
+  def spy(name, fn):
+    def wrapped(*args, **kwargs):
+      calls.append((name, args, kwargs))
+      return fn(*args, **kwargs)
+    return wrapped
+  spied = dataclasses.replace(d, **{n: spy(n, getattr(d, n)) for n in CALLABLES
+                                    if getattr(d, n) is not None})
+  with jax.disable_jit():
+    process.loss(key, spied, batch["tokens"], batch["mask"])
+  return calls
+
+
+def breakdown(name: str, shape: run.Shape, repeats: int) -> dict:
+  cfg = shape.config(name)
+  ts = run.trainer_step(cfg, shape.vocab)
+  process, graphdef = ts.process, ts.graphdef
+  params = ts.state.params
+  batch = {k: jnp.asarray(v) for k, v in run.random_batch(shape).items()}
+  key = jax.random.key(0)
+
+  def loss_metrics(p, k):
+    out = process.loss(k, as_denoiser(nnx.merge(graphdef, p)),
+                       batch["tokens"], batch["mask"])
+    return out.loss, out.metrics
+  loss = lambda p, k: loss_metrics(p, k)[0]
+  with_metrics = jax.value_and_grad(loss_metrics, has_aux=True)
+  out = {"process": name,
+         "loss_fwd_s": _median_s(jax.jit(loss), params, key, repeats=repeats),
+         "loss_grad_s": _median_s(jax.jit(jax.value_and_grad(loss)), params,
+                                  key, repeats=repeats),
+         # As the step differentiates it: the metrics stay live.
+         "loss_grad_metrics_s": _median_s(jax.jit(with_metrics), params, key,
+                                          repeats=repeats)}
+  calls = []
+  for cname, args, kwargs in capture_calls(process, graphdef, params, key,
+                                           batch):
+    # Arguments go in as jit inputs, not baked-in constants.
+    def call(p, args, kwargs, cname=cname):
+      fn = getattr(as_denoiser(nnx.merge(graphdef, p)), cname)
+      return jnp.sum(fn(*args, **kwargs).astype(jnp.float32))
+    shapes = [list(getattr(a, "shape", ())) for a in args]
+    calls.append({"callable": cname, "arg_shapes": shapes,
+                  "fwd_s": _median_s(jax.jit(call), params, args, kwargs,
+                                     repeats=repeats),
+                  "fwd_bwd_s": _median_s(jax.jit(jax.value_and_grad(call)),
+                                         params, args, kwargs,
+                                         repeats=repeats)})
+  out["calls"] = calls
+  state = ts.state
+  step = ts.par.step.lower(state, ts.par.place_batch(run.random_batch(shape)),
+                           key).compile()
+  placed = ts.par.place_batch(run.random_batch(shape))
+  times = []
+  for i in range(repeats + 1):
+    t0 = time.perf_counter()
+    state, m = jax.block_until_ready(step(state, placed,
+                                          jax.random.fold_in(key, i)))
+    times.append(time.perf_counter() - t0)
+  out["step_s"] = statistics.median(times[1:])
+  net = sum(c["fwd_bwd_s"] for c in calls)
+  out["network_fwd_bwd_s"] = net
+  out["metrics_s"] = out["loss_grad_metrics_s"] - out["loss_grad_s"]
+  out["optimizer_ema_s"] = out["step_s"] - out["loss_grad_metrics_s"]
+  out["process_outside_network_s"] = out["loss_grad_s"] - net
+  return out
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("processes", nargs="+")
+  p.add_argument("--smoke", action="store_true")
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--out", default=None, help="also write JSON here")
+  args = p.parse_args(argv)
+  shape = run.SMOKE if args.smoke else run.Shape()
+  rows = []
+  for name in args.processes:
+    r = breakdown(name, shape, args.repeats)
+    rows.append(r)
+    print(f"{name}: step {r['step_s']:.3f} s = loss fwd+bwd "
+          f"{r['loss_grad_s']:.3f} (fwd {r['loss_fwd_s']:.3f}) + metrics "
+          f"{r['metrics_s']:.3f} + optimizer/EMA "
+          f"{r['optimizer_ema_s']:.3f}; network calls fwd+bwd "
+          f"{r['network_fwd_bwd_s']:.3f}, process work outside them "
+          f"{r['process_outside_network_s']:.3f}", flush=True)
+    for c in r["calls"]:
+      print(f"  {c['callable']}{tuple(c['arg_shapes'])}: fwd {c['fwd_s']:.3f} s,"
+            f" fwd+bwd {c['fwd_bwd_s']:.3f} s", flush=True)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(rows, f, indent=2)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""benchmarks/run.py --smoke: every field present, every rate positive.
+
+The benchmark's numbers are never asserted (a timed test on a shared CPU
+would be noise); this checks that it runs the trainer's step and the
+samplers end to end and reports what it claims to.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import run
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+# Compile fast: the smoke numbers are never compared, only checked for sense.
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench") / "results.json"
+  env = dict(os.environ, XLA_FLAGS=FAST_XLA)
+  subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke",
+                  "--processes", "masked", "ar", "--out", str(out)],
+                 cwd=REPO, env=env, check=True, capture_output=True)
+  return json.loads(out.read_text()), out.with_suffix(".md").read_text()
+
+
+def _positive(x) -> bool:
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_host_and_config(result):
+  res, _ = result
+  for key in ("cpu_count", "jax", "backend", "device_kind"):
+    assert res["host"][key]
+  assert res["host"]["xla_flags"] == FAST_XLA
+  assert res["smoke"] and res["shape"] == dataclasses.asdict(run.SMOKE)
+
+
+def test_train_rows(result):
+  res, _ = result
+  assert [r["process"] for r in res["train"]] == ["masked", "ar"]
+  flops = run.model_flops(run.SMOKE.config("masked"), run.SMOKE.vocab)
+  tokens = run.SMOKE.batch * run.SMOKE.seq_len
+  for r in res["train"]:
+    for key in ("tokens_per_s", "step_s", "model_flops_per_s",
+                "matmul_peak_flops_per_s", "matmul_peak_before",
+                "matmul_peak_after", "fraction_of_peak", "compile_s",
+                "process_peak_rss_mb", "params"):
+      assert _positive(r[key]), (r["process"], key, r[key])
+    # One FLOP count for every process: the dense reference model's.
+    assert r["model_flops_per_step"] == flops["train_per_token"] * tokens
+    assert r["tokens_per_s"] == pytest.approx(tokens / r["step_s"])
+    assert r["fraction_of_peak"] == pytest.approx(
+        r["model_flops_per_s"] / r["matmul_peak_flops_per_s"])
+    assert len(r["step_s_all"]) == res["timed_steps"] == 2
+    assert math.isfinite(r["loss_after"])
+  assert res["train"][0]["vs_masked"] == 1.0
+
+
+def test_sampler_rows(result):
+  res, table = result
+  rows = {(r["process"], r["sampler"]): r for r in res["samplers"]}
+  assert set(rows) == {("masked", "ancestral"), ("masked", "cached"),
+                       ("ar", "ancestral")}
+  for r in rows.values():
+    for key in ("wall_s", "tokens_per_s", "network_calls", "fraction_of_peak",
+                "compile_s"):
+      assert _positive(r[key]), (r["process"], r["sampler"], key, r[key])
+  # The loop structure: one network call per ancestral step (masked, the
+  # grid ends at t=0 so decode adds none) and one per position (ar); the
+  # cached sampler never calls more often than that.
+  steps = run.SMOKE.sample_steps
+  assert rows["masked", "ancestral"]["network_calls"] == steps
+  assert rows["ar", "ancestral"]["network_calls"] == run.SMOKE.sample_len
+  assert rows["ar", "ancestral"]["steps_run"] == run.SMOKE.sample_len
+  assert 1 <= rows["masked", "cached"]["network_calls"] <= steps
+  assert "cached_over_ancestral" in rows["masked", "cached"]
+  assert "| masked |" in table and "| ar | ancestral |" in table
