@@ -1,13 +1,14 @@
-"""Data pipeline: source -> tokenizer -> packed blocks (sharded array_record) -> Grain.
+"""Data pipeline: source -> tokenizer -> packed blocks (TFDS array_record) -> Grain.
 
 `prepare(cfg)` streams every split once through the tokenizer (worker
 processes for large corpora) and a packer (`packing`: each unit followed by
 EOS, all units concatenated and cut into non-overlapping seq_len blocks, the
 final partial block kept, padded and masked; or one padded block per unit),
-into array_record shards of `data.shard_blocks` blocks (`shards`). Memory
-stays bounded by a few chunks of documents whatever the corpus size; a killed
-preparation resumes after its last finished shard, and readers only ever see
-a complete dataset. The data directory is only read.
+into a TFDS dataset of array_record shards of `data.shard_blocks` blocks
+(`shards`), read back with `tfds.builder_from_directory(...).as_data_source`.
+Memory stays bounded by a few chunks of documents whatever the corpus size; a
+killed preparation resumes after its last finished shard, and readers only
+ever see a complete dataset. The data directory is only read.
 
 `train_batches` is a Grain MapDataset (source -> shuffle -> repeat -> batch)
 indexed by step, so resuming at step k reproduces exactly the batches of an
@@ -25,7 +26,6 @@ import hashlib
 import itertools
 import json
 import pathlib
-import shutil
 import sys
 from typing import Iterator, Optional
 
@@ -36,7 +36,8 @@ from diffusion_text.config import ConfigError
 from diffusion_text.data import detokenizers, packing, shards, sources, tokenizers
 from diffusion_text.data.packing import pack  # noqa: F401  (the in-memory reference)
 
-FORMAT_VERSION = 2   # bump when the packing rule or layout changes (invalidates caches)
+FORMAT_VERSION = 3   # bump when the packing rule or layout changes (invalidates caches);
+                     # also the TFDS dataset version (token_blocks/3.0.0)
 CHUNK_DOCS = 256     # documents per tokenization chunk (and per resume point)
 # Below this many bytes of text, starting worker processes costs more than it saves.
 PARALLEL_MIN_BYTES = 16 << 20
@@ -74,7 +75,10 @@ def _locked(path: pathlib.Path):
 # ----------------------------------------------------------------- prepared
 @dataclasses.dataclass
 class Prepared:
-  """Packed blocks of every split of one (source, tokenizer, seq_len)."""
+  """Packed blocks of every split of one (source, tokenizer, seq_len).
+
+  `cache_path` is the TFDS dataset folder (`tfds.builder_from_directory`).
+  """
 
   source: object
   tokenizer: tokenizers.Tokenizer
@@ -83,6 +87,7 @@ class Prepared:
   cache_path: pathlib.Path
   _info: dict
   _arrays: dict = dataclasses.field(default_factory=dict)
+  _builder: object = None
 
   @property
   def vocab_size(self) -> int:
@@ -94,11 +99,14 @@ class Prepared:
           f"source {self._info['source']!r} has no split {split!r}; it has: "
           f"{', '.join(self.splits)}")
 
-  def data_source(self, split: str) -> shards.BlockSource:
-    """Random-access records {'tokens': [L], 'length': ()} (array_record)."""
-    self._check(split)
-    meta = self._info["split_meta"][split]
-    return shards.BlockSource(self.cache_path, meta["shards"], meta["blocks"])
+  def data_source(self, split: str):
+    """Random-access records {'tokens': [L], 'length': ()}: TFDS's array_record source."""
+    if not self.num_blocks(split):
+      return ()                        # TFDS opens no source over zero records
+    if self._builder is None:
+      import tensorflow_datasets as tfds
+      self._builder = tfds.builder_from_directory(str(self.cache_path))
+    return self._builder.as_data_source(split=split)
 
   def num_blocks(self, split: str) -> int:
     self._check(split)
@@ -111,7 +119,7 @@ class Prepared:
   def _load(self, split: str) -> tuple[np.ndarray, np.ndarray]:
     """A whole split in memory: for small splits only (use eval_batches)."""
     if split not in self._arrays:
-      records = self.data_source(split).read(0, self.num_blocks(split))
+      records = shards.read(self.data_source(split), 0, self.num_blocks(split))
       tokens_NxL = np.zeros((len(records), self.seq_len), np.int32)
       length_N = np.zeros(len(records), np.int32)
       for i, r in enumerate(records):
@@ -206,36 +214,34 @@ def prepare(cfg: config_lib.Config,
   key = f"{name}.{tokenizer.name}.L{dc.seq_len}.{_digest([key_fields, source_id])}"
   root = cache / "prepared" / key
 
-  if shards.read_info(root) is None:
+  folder = shards.dataset_dir(root, FORMAT_VERSION)
+  if shards.read_info(folder) is None:
     with _locked(cache / "prepared" / f"{key}.lock"):
-      if shards.read_info(root) is None:   # another process may have won
+      if shards.read_info(folder) is None:   # another process may have won
         _write_dataset(root, info, split_chunks, dc, tokenizer)
-  info = shards.read_info(root)
-  return Prepared(source, tokenizer, dc.seq_len, tuple(info["splits"]), root, info)
+  info = shards.read_info(folder)
+  return Prepared(source, tokenizer, dc.seq_len, tuple(info["splits"]), folder, info)
 
 
 def _write_dataset(root: pathlib.Path, info: dict, split_chunks, dc, tokenizer):
   partial = root.with_name(root.name + ".partial")
+  folder = shards.dataset_dir(partial, FORMAT_VERSION)
   resuming = partial.is_dir()
-  partial.mkdir(parents=True, exist_ok=True)
+  folder.mkdir(parents=True, exist_ok=True)
   print(f"[data] {'resuming' if resuming else 'preparing'} {dc.source}/"
         f"{tokenizer.name} blocks of {dc.seq_len} into {root} (once; cached "
         "afterwards)", file=sys.stderr)
-  meta = {}
-  for split in info["splits"]:
-    first, state = shards.resume_state(partial, split)
-    done = partial / f"{split}.done.json"
-    if not done.exists():
-      written = shards.write_split(partial, split, split_chunks(split, state),
-                                   dc.shard_blocks, first, state["blocks"])
-      tokens = shards.resume_state(partial, split)[1]["tokens"]
-      done.write_text(json.dumps({**written, "tokens": tokens}))
-    meta[split] = json.loads(done.read_text())
-  for done in partial.glob("*.done.json"):
-    done.unlink()
-  if root.exists():
-    shutil.rmtree(root)                # an unreadable leftover (no info.json)
-  shards.finish(partial, root, {**info, "split_meta": meta})
+  if not shards.has_metadata(folder):   # else only the final rename was missed
+    meta = {}
+    for split in info["splits"]:
+      meta[split] = shards.split_done(folder, split)
+      if meta[split] is None:
+        first, state = shards.resume_state(folder, split)
+        shards.write_split(folder, split, dc.seq_len, split_chunks(split, state),
+                           dc.shard_blocks, first)
+        meta[split] = shards.mark_done(folder, split)
+    shards.write_metadata(folder, dc.seq_len, {**info, "split_meta": meta})
+  shards.publish(partial, root, FORMAT_VERSION)
 
 
 def _synthetic_chunks(source, split: str, seq_len: int, state: dict):
@@ -332,7 +338,7 @@ def eval_batches(prepared: Prepared, split: str, batch_size: int,
   source = prepared.data_source(split)
   n = len(source) if not max_blocks else min(max_blocks, len(source))
   for start in range(0, n, batch_size):
-    records = source.read(start, min(start + batch_size, n))
+    records = shards.read(source, start, min(start + batch_size, n))
     tokens_BxL = np.zeros((batch_size, prepared.seq_len), np.int32)
     length_B = np.zeros(batch_size, np.int32)
     for i, r in enumerate(records):
