@@ -291,3 +291,18 @@ def test_a_kill_while_publishing_resumes(tmp_path, corpus, monkeypatch):
   monkeypatch.setattr(packing, "encode_chunks", encode)
   fresh = _prepare_fresh(tmp_path, cfg)
   np.testing.assert_array_equal(resumed.blocks("train"), fresh.blocks("train"))
+
+
+def test_batch_decoding_matches_tfds():
+  feats = shards.features(4)
+  rows = [({"tokens": np.array([3, 1, 4, 0], np.int32), "length": 3}),
+          ({"tokens": np.array([2**31 - 1, 0, 7, 9], np.int32), "length": 4})]
+  records = [feats.serialize_example(r) for r in rows]
+  tokens_BxL, length_B = shards.decode_batch(records, 4)
+  for row, tokens_L, n, record in zip(rows, tokens_BxL, length_B, records):
+    ref = feats.deserialize_example_np(record)
+    np.testing.assert_array_equal(tokens_L, ref["tokens"])
+    np.testing.assert_array_equal(tokens_L, row["tokens"])
+    assert n == ref["length"] == row["length"]
+  with pytest.raises(ValueError):               # a block of another length
+    shards.decode_batch(records, 5)

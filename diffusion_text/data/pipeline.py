@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import itertools
 import json
@@ -99,14 +100,18 @@ class Prepared:
           f"source {self._info['source']!r} has no split {split!r}; it has: "
           f"{', '.join(self.splits)}")
 
-  def data_source(self, split: str):
-    """Random-access records {'tokens': [L], 'length': ()}: TFDS's array_record source."""
+  def data_source(self, split: str, raw: bool = False):
+    """TFDS's random-access array_record source of a split: records
+    {'tokens': [L], 'length': ()}, or with raw=True their serialized bytes
+    (for `shards.decode_batch`)."""
     if not self.num_blocks(split):
       return ()                        # TFDS opens no source over zero records
+    import tensorflow_datasets as tfds
     if self._builder is None:
-      import tensorflow_datasets as tfds
       self._builder = tfds.builder_from_directory(str(self.cache_path))
-    return self._builder.as_data_source(split=split)
+    method = tfds.decode.DeserializeMethod
+    return self._builder.as_data_source(split=split, deserialize_method=(
+        method.RAW_BYTES if raw else method.DESERIALIZE_AND_DECODE))
 
   def num_blocks(self, split: str) -> int:
     self._check(split)
@@ -119,12 +124,9 @@ class Prepared:
   def _load(self, split: str) -> tuple[np.ndarray, np.ndarray]:
     """A whole split in memory: for small splits only (use eval_batches)."""
     if split not in self._arrays:
-      records = shards.read(self.data_source(split), 0, self.num_blocks(split))
-      tokens_NxL = np.zeros((len(records), self.seq_len), np.int32)
-      length_N = np.zeros(len(records), np.int32)
-      for i, r in enumerate(records):
-        tokens_NxL[i], length_N[i] = r["tokens"], r["length"]
-      self._arrays[split] = (tokens_NxL, length_N)
+      records = shards.read(self.data_source(split, raw=True), 0,
+                            self.num_blocks(split))
+      self._arrays[split] = shards.decode_batch(records, self.seq_len)
     return self._arrays[split]
 
   def blocks(self, split: str) -> np.ndarray:
@@ -298,10 +300,9 @@ def _build_tokenizer(name: str, source, data_dir, data_files: dict,
 
 
 # ------------------------------------------------------------------ batches
-def _with_mask(batch: dict) -> dict:
-  tokens_BxL = np.asarray(batch["tokens"], np.int32)
-  return {"tokens": tokens_BxL,
-          "mask": _mask(np.asarray(batch["length"]), tokens_BxL.shape[1])}
+def _decode_with_mask(seq_len: int, records) -> dict:
+  tokens_BxL, length_B = shards.decode_batch(records, seq_len)
+  return {"tokens": tokens_BxL, "mask": _mask(length_B, seq_len)}
 
 
 def train_batches(prepared: Prepared, batch_size: int, seed: int,
@@ -320,12 +321,12 @@ def train_batches(prepared: Prepared, batch_size: int, seed: int,
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
   per_host = batch_size // shard_count
-  ds = (grain.MapDataset.source(prepared.data_source("train"))
+  decode = functools.partial(_decode_with_mask, prepared.seq_len)
+  ds = (grain.MapDataset.source(prepared.data_source("train", raw=True))
         .shuffle(seed=seed)
         .repeat()                      # reseeds the shuffle every epoch
-        .batch(per_host, drop_remainder=True)
-        .slice(slice(shard_index, None, shard_count))
-        .map(_with_mask))
+        .batch(per_host, drop_remainder=True, batch_fn=decode)
+        .slice(slice(shard_index, None, shard_count)))
   # Random access by step makes resuming exact; threads prefetch ahead so
   # the device does not wait on record decoding.
   read = grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
@@ -335,12 +336,12 @@ def train_batches(prepared: Prepared, batch_size: int, seed: int,
 def eval_batches(prepared: Prepared, split: str, batch_size: int,
                  max_blocks: int = 0) -> Iterator[dict]:
   """Blocks of `split` in order, read batch by batch; the last batch is padded with empty rows."""
-  source = prepared.data_source(split)
+  source = prepared.data_source(split, raw=True)
   n = len(source) if not max_blocks else min(max_blocks, len(source))
   for start in range(0, n, batch_size):
     records = shards.read(source, start, min(start + batch_size, n))
-    tokens_BxL = np.zeros((batch_size, prepared.seq_len), np.int32)
-    length_B = np.zeros(batch_size, np.int32)
-    for i, r in enumerate(records):
-      tokens_BxL[i], length_B[i] = r["tokens"], r["length"]
-    yield {"tokens": tokens_BxL, "mask": _mask(length_B, prepared.seq_len)}
+    tokens_bxL, length_b = shards.decode_batch(records, prepared.seq_len)
+    empty = batch_size - len(records)          # rows keeping the shape static
+    tokens_BxL = np.pad(tokens_bxL, ((0, empty), (0, 0)))
+    yield {"tokens": tokens_BxL,
+           "mask": _mask(np.pad(length_b, (0, empty)), prepared.seq_len)}
