@@ -91,9 +91,10 @@ def test_provenance(ptb_word, ptb_data):
   for path, digest in prov["files_sha256"].items():
     rel = os.path.relpath(path, ptb_data)
     assert sums[rel] == digest
-  # The blocks live in the cache as array_record shards beside info.json.
+  # The blocks live in the cache as a TFDS dataset of array_record shards.
   assert {f.name for f in p.cache_path.iterdir()} >= {
-      "info.json", "test-00000.array_record"}
+      "dataset_info.json", "metadata.json",
+      "token_blocks-test.array_record-00000-of-00001"}
   assert p.num_blocks("test") == len(p.blocks("test"))
 
 

@@ -3,6 +3,7 @@ worker tokenization, resume after a kill, atomicity, offline catalog errors."""
 
 import gzip
 import json
+import sys
 import threading
 import time
 
@@ -56,10 +57,49 @@ def test_owt_format_holds_out_the_last_documents(tmp_path, corpus, data_dir):
     assert p.num_tokens(split) == length_N.sum()
   # EOS (<|endoftext|>) closes every document.
   assert (p.blocks("valid") == 50256).sum() == 7
-  # Several shards, each of about shard_blocks blocks, none half-written.
+  # Several shards under TFDS's names, none half-written, no resume state.
   names = sorted(f.name for f in p.cache_path.iterdir())
-  assert "train-00001.array_record" in names
-  assert not [n for n in names if n.endswith((".tmp", ".npz"))]
+  assert "token_blocks-train.array_record-00001-of-00002" in names
+  assert not [n for n in names if n.endswith((".tmp", ".npz")) or n == "state"]
+
+
+def test_prepared_folder_is_a_tfds_dataset(tmp_path, corpus):
+  import tensorflow_datasets as tfds
+  root, docs = corpus
+  p = pipeline.prepare(_cfg(tmp_path, source="files", path=str(root),
+                            tokenizer="word", seq_len=8, valid_docs=5,
+                            shard_blocks=6))
+  builder = tfds.builder_from_directory(str(p.cache_path))
+  assert builder.info.name == "token_blocks"
+  assert builder.info.features["tokens"].shape == (8,)
+  assert builder.info.metadata["tokenizer"] == "word"
+  by_name = tfds.data_source("token_blocks", split="valid", download=False,
+                             data_dir=str(p.cache_path.parents[1]))
+  for split in ("train", "valid"):
+    info = builder.info.splits[split]
+    assert info.num_examples == p.num_blocks(split) == len(p.blocks(split))
+    assert all(n >= 6 for n in info.shard_lengths[:-1])
+    ds = builder.as_data_source(split=split)
+    tokens = np.stack([r["tokens"] for r in ds])
+    assert tokens.dtype == np.int32
+    np.testing.assert_array_equal(tokens, p.blocks(split))
+    np.testing.assert_array_equal([r["length"] for r in ds],
+                                  p.masks(split).sum(1))
+  assert builder.info.splits["train"].num_shards > 1
+  np.testing.assert_array_equal(by_name[0]["tokens"], p.blocks("valid")[0])
+  assert "tensorflow" not in sys.modules       # array_record without TF
+
+
+def test_an_empty_split_is_listed_and_reads_empty(tmp_path, corpus):
+  import tensorflow_datasets as tfds
+  root, _ = corpus
+  p = pipeline.prepare(_cfg(tmp_path, source="files", path=str(root),
+                            tokenizer="char", seq_len=8, valid_docs=0))
+  assert p.num_blocks("valid") == 0 and p.blocks("valid").shape == (0, 8)
+  assert list(pipeline.eval_batches(p, "valid", 4)) == []
+  splits = tfds.builder_from_directory(str(p.cache_path)).info.splits
+  assert splits["valid"].shard_lengths == [0]
+  assert splits["train"].num_examples == p.num_blocks("train") > 0
 
 
 def test_glob_and_file_documents(tmp_path, corpus):
@@ -149,6 +189,13 @@ def test_lm1b_padding_and_packing_conventions(tmp_path, data_dir):
     pipeline.prepare(_cfg(tmp_path, shard_blocks=0, **base))
 
 
+def _prepare_fresh(tmp_path, cfg):
+  """The same dataset prepared uninterrupted in another cache."""
+  return pipeline.prepare(_cfg(tmp_path / "fresh", **{
+      k: getattr(cfg.data, k) for k in ("source", "path", "tokenizer", "seq_len",
+                                        "valid_docs", "shard_blocks")}))
+
+
 def test_resume_after_a_kill_keeps_finished_shards(tmp_path, corpus, monkeypatch):
   root, docs = corpus
   cfg = _cfg(tmp_path, source="files", path=str(root), tokenizer="char",
@@ -167,19 +214,19 @@ def test_resume_after_a_kill_keeps_finished_shards(tmp_path, corpus, monkeypatch
     pipeline.prepare(cfg)
   prepared_dir = tmp_path / "cache" / "prepared"
   (partial,) = prepared_dir.glob("*.partial")
-  finished = sorted(partial.glob("train-*.array_record"))
+  finished = sorted(partial.rglob("train-*.array_record"))
   # Finished shards are kept; no complete dataset is visible yet.
   assert finished
   assert {f.suffix for f in prepared_dir.iterdir()} == {".partial", ".lock"}
-  stamps = {f.name: f.stat().st_mtime_ns for f in finished}
+  stamps = [f.stat().st_mtime_ns for f in finished]
 
   monkeypatch.setattr(packing, "encode_chunks", real)
   resumed = pipeline.prepare(cfg)
-  for name, stamp in stamps.items():          # kept, not rewritten
-    assert (resumed.cache_path / name).stat().st_mtime_ns == stamp
-  fresh = pipeline.prepare(_cfg(tmp_path / "fresh", **{
-      k: getattr(cfg.data, k) for k in ("source", "path", "tokenizer", "seq_len",
-                                        "valid_docs", "shard_blocks")}))
+  published = sorted(resumed.cache_path.glob("token_blocks-train.*"))
+  assert len(published) > len(finished)
+  for path, stamp in zip(published, stamps):  # kept (renamed), not rewritten
+    assert path.stat().st_mtime_ns == stamp
+  fresh = _prepare_fresh(tmp_path, cfg)
   for split in ("train", "valid"):
     np.testing.assert_array_equal(resumed.blocks(split), fresh.blocks(split))
     assert resumed.num_tokens(split) == fresh.num_tokens(split)
@@ -223,8 +270,39 @@ def test_catalog_sources_fail_fast_offline(name, tmp_path, monkeypatch):
   assert time.monotonic() - start < 5
 
 
-def test_shard_records_round_trip():
-  tokens_L = np.array([3, 1, 4, 0], np.int32)
-  r = shards.decode_block(shards.encode_block(tokens_L, 3))
-  np.testing.assert_array_equal(r["tokens"], tokens_L)
-  assert r["length"] == 3
+def test_a_kill_while_publishing_resumes(tmp_path, corpus, monkeypatch):
+  import tensorflow_datasets as tfds
+  root, _ = corpus
+  cfg = _cfg(tmp_path, source="files", path=str(root), tokenizer="char",
+             seq_len=8, valid_docs=4, shard_blocks=10)
+  real = tfds.folder_dataset.write_metadata
+
+  def killed(**kwargs):
+    raise KeyboardInterrupt           # after the shards took their TFDS names
+  monkeypatch.setattr(tfds.folder_dataset, "write_metadata", killed)
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.prepare(cfg)
+  (partial,) = (tmp_path / "cache" / "prepared").glob("*.partial")
+  assert list(partial.rglob("token_blocks-train.array_record-00000-of-*"))
+  monkeypatch.setattr(tfds.folder_dataset, "write_metadata", real)
+  encode = packing.encode_chunks
+  monkeypatch.setattr(packing, "encode_chunks", lambda *a, **k: pytest.fail("re-encoded"))
+  resumed = pipeline.prepare(cfg)
+  monkeypatch.setattr(packing, "encode_chunks", encode)
+  fresh = _prepare_fresh(tmp_path, cfg)
+  np.testing.assert_array_equal(resumed.blocks("train"), fresh.blocks("train"))
+
+
+def test_batch_decoding_matches_tfds():
+  feats = shards.features(4)
+  rows = [({"tokens": np.array([3, 1, 4, 0], np.int32), "length": 3}),
+          ({"tokens": np.array([2**31 - 1, 0, 7, 9], np.int32), "length": 4})]
+  records = [feats.serialize_example(r) for r in rows]
+  tokens_BxL, length_B = shards.decode_batch(records, 4)
+  for row, tokens_L, n, record in zip(rows, tokens_BxL, length_B, records):
+    ref = feats.deserialize_example_np(record)
+    np.testing.assert_array_equal(tokens_L, ref["tokens"])
+    np.testing.assert_array_equal(tokens_L, row["tokens"])
+    assert n == ref["length"] == row["length"]
+  with pytest.raises(ValueError):               # a block of another length
+    shards.decode_batch(records, 5)

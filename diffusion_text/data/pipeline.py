@@ -1,13 +1,14 @@
-"""Data pipeline: source -> tokenizer -> packed blocks (sharded array_record) -> Grain.
+"""Data pipeline: source -> tokenizer -> packed blocks (TFDS array_record) -> Grain.
 
 `prepare(cfg)` streams every split once through the tokenizer (worker
 processes for large corpora) and a packer (`packing`: each unit followed by
 EOS, all units concatenated and cut into non-overlapping seq_len blocks, the
 final partial block kept, padded and masked; or one padded block per unit),
-into array_record shards of `data.shard_blocks` blocks (`shards`). Memory
-stays bounded by a few chunks of documents whatever the corpus size; a killed
-preparation resumes after its last finished shard, and readers only ever see
-a complete dataset. The data directory is only read.
+into a TFDS dataset of array_record shards of `data.shard_blocks` blocks
+(`shards`), read back with `tfds.builder_from_directory(...).as_data_source`.
+Memory stays bounded by a few chunks of documents whatever the corpus size; a
+killed preparation resumes after its last finished shard, and readers only
+ever see a complete dataset. The data directory is only read.
 
 `train_batches` is a Grain MapDataset (source -> shuffle -> repeat -> batch)
 indexed by step, so resuming at step k reproduces exactly the batches of an
@@ -21,11 +22,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import itertools
 import json
 import pathlib
-import shutil
 import sys
 from typing import Iterator, Optional
 
@@ -36,7 +37,8 @@ from diffusion_text.config import ConfigError
 from diffusion_text.data import detokenizers, packing, shards, sources, tokenizers
 from diffusion_text.data.packing import pack  # noqa: F401  (the in-memory reference)
 
-FORMAT_VERSION = 2   # bump when the packing rule or layout changes (invalidates caches)
+FORMAT_VERSION = 3   # bump when the packing rule or layout changes (invalidates caches);
+                     # also the TFDS dataset version (token_blocks/3.0.0)
 CHUNK_DOCS = 256     # documents per tokenization chunk (and per resume point)
 # Below this many bytes of text, starting worker processes costs more than it saves.
 PARALLEL_MIN_BYTES = 16 << 20
@@ -74,7 +76,10 @@ def _locked(path: pathlib.Path):
 # ----------------------------------------------------------------- prepared
 @dataclasses.dataclass
 class Prepared:
-  """Packed blocks of every split of one (source, tokenizer, seq_len)."""
+  """Packed blocks of every split of one (source, tokenizer, seq_len).
+
+  `cache_path` is the TFDS dataset folder (`tfds.builder_from_directory`).
+  """
 
   source: object
   tokenizer: tokenizers.Tokenizer
@@ -83,6 +88,7 @@ class Prepared:
   cache_path: pathlib.Path
   _info: dict
   _arrays: dict = dataclasses.field(default_factory=dict)
+  _builder: object = None
 
   @property
   def vocab_size(self) -> int:
@@ -94,11 +100,18 @@ class Prepared:
           f"source {self._info['source']!r} has no split {split!r}; it has: "
           f"{', '.join(self.splits)}")
 
-  def data_source(self, split: str) -> shards.BlockSource:
-    """Random-access records {'tokens': [L], 'length': ()} (array_record)."""
-    self._check(split)
-    meta = self._info["split_meta"][split]
-    return shards.BlockSource(self.cache_path, meta["shards"], meta["blocks"])
+  def data_source(self, split: str, raw: bool = False):
+    """TFDS's random-access array_record source of a split: records
+    {'tokens': [L], 'length': ()}, or with raw=True their serialized bytes
+    (for `shards.decode_batch`)."""
+    if not self.num_blocks(split):
+      return ()                        # TFDS opens no source over zero records
+    import tensorflow_datasets as tfds
+    if self._builder is None:
+      self._builder = tfds.builder_from_directory(str(self.cache_path))
+    method = tfds.decode.DeserializeMethod
+    return self._builder.as_data_source(split=split, deserialize_method=(
+        method.RAW_BYTES if raw else method.DESERIALIZE_AND_DECODE))
 
   def num_blocks(self, split: str) -> int:
     self._check(split)
@@ -111,12 +124,9 @@ class Prepared:
   def _load(self, split: str) -> tuple[np.ndarray, np.ndarray]:
     """A whole split in memory: for small splits only (use eval_batches)."""
     if split not in self._arrays:
-      records = self.data_source(split).read(0, self.num_blocks(split))
-      tokens_NxL = np.zeros((len(records), self.seq_len), np.int32)
-      length_N = np.zeros(len(records), np.int32)
-      for i, r in enumerate(records):
-        tokens_NxL[i], length_N[i] = r["tokens"], r["length"]
-      self._arrays[split] = (tokens_NxL, length_N)
+      records = shards.read(self.data_source(split, raw=True), 0,
+                            self.num_blocks(split))
+      self._arrays[split] = shards.decode_batch(records, self.seq_len)
     return self._arrays[split]
 
   def blocks(self, split: str) -> np.ndarray:
@@ -206,36 +216,34 @@ def prepare(cfg: config_lib.Config,
   key = f"{name}.{tokenizer.name}.L{dc.seq_len}.{_digest([key_fields, source_id])}"
   root = cache / "prepared" / key
 
-  if shards.read_info(root) is None:
+  folder = shards.dataset_dir(root, FORMAT_VERSION)
+  if shards.read_info(folder) is None:
     with _locked(cache / "prepared" / f"{key}.lock"):
-      if shards.read_info(root) is None:   # another process may have won
+      if shards.read_info(folder) is None:   # another process may have won
         _write_dataset(root, info, split_chunks, dc, tokenizer)
-  info = shards.read_info(root)
-  return Prepared(source, tokenizer, dc.seq_len, tuple(info["splits"]), root, info)
+  info = shards.read_info(folder)
+  return Prepared(source, tokenizer, dc.seq_len, tuple(info["splits"]), folder, info)
 
 
 def _write_dataset(root: pathlib.Path, info: dict, split_chunks, dc, tokenizer):
   partial = root.with_name(root.name + ".partial")
+  folder = shards.dataset_dir(partial, FORMAT_VERSION)
   resuming = partial.is_dir()
-  partial.mkdir(parents=True, exist_ok=True)
+  folder.mkdir(parents=True, exist_ok=True)
   print(f"[data] {'resuming' if resuming else 'preparing'} {dc.source}/"
         f"{tokenizer.name} blocks of {dc.seq_len} into {root} (once; cached "
         "afterwards)", file=sys.stderr)
-  meta = {}
-  for split in info["splits"]:
-    first, state = shards.resume_state(partial, split)
-    done = partial / f"{split}.done.json"
-    if not done.exists():
-      written = shards.write_split(partial, split, split_chunks(split, state),
-                                   dc.shard_blocks, first, state["blocks"])
-      tokens = shards.resume_state(partial, split)[1]["tokens"]
-      done.write_text(json.dumps({**written, "tokens": tokens}))
-    meta[split] = json.loads(done.read_text())
-  for done in partial.glob("*.done.json"):
-    done.unlink()
-  if root.exists():
-    shutil.rmtree(root)                # an unreadable leftover (no info.json)
-  shards.finish(partial, root, {**info, "split_meta": meta})
+  if not shards.has_metadata(folder):   # else only the final rename was missed
+    meta = {}
+    for split in info["splits"]:
+      meta[split] = shards.split_done(folder, split)
+      if meta[split] is None:
+        first, state = shards.resume_state(folder, split)
+        shards.write_split(folder, split, dc.seq_len, split_chunks(split, state),
+                           dc.shard_blocks, first)
+        meta[split] = shards.mark_done(folder, split)
+    shards.write_metadata(folder, dc.seq_len, {**info, "split_meta": meta})
+  shards.publish(partial, root, FORMAT_VERSION)
 
 
 def _synthetic_chunks(source, split: str, seq_len: int, state: dict):
@@ -292,10 +300,9 @@ def _build_tokenizer(name: str, source, data_dir, data_files: dict,
 
 
 # ------------------------------------------------------------------ batches
-def _with_mask(batch: dict) -> dict:
-  tokens_BxL = np.asarray(batch["tokens"], np.int32)
-  return {"tokens": tokens_BxL,
-          "mask": _mask(np.asarray(batch["length"]), tokens_BxL.shape[1])}
+def _decode_with_mask(seq_len: int, records) -> dict:
+  tokens_BxL, length_B = shards.decode_batch(records, seq_len)
+  return {"tokens": tokens_BxL, "mask": _mask(length_B, seq_len)}
 
 
 def train_batches(prepared: Prepared, batch_size: int, seed: int,
@@ -314,12 +321,12 @@ def train_batches(prepared: Prepared, batch_size: int, seed: int,
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
   per_host = batch_size // shard_count
-  ds = (grain.MapDataset.source(prepared.data_source("train"))
+  decode = functools.partial(_decode_with_mask, prepared.seq_len)
+  ds = (grain.MapDataset.source(prepared.data_source("train", raw=True))
         .shuffle(seed=seed)
         .repeat()                      # reseeds the shuffle every epoch
-        .batch(per_host, drop_remainder=True)
-        .slice(slice(shard_index, None, shard_count))
-        .map(_with_mask))
+        .batch(per_host, drop_remainder=True, batch_fn=decode)
+        .slice(slice(shard_index, None, shard_count)))
   # Random access by step makes resuming exact; threads prefetch ahead so
   # the device does not wait on record decoding.
   read = grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
@@ -329,12 +336,12 @@ def train_batches(prepared: Prepared, batch_size: int, seed: int,
 def eval_batches(prepared: Prepared, split: str, batch_size: int,
                  max_blocks: int = 0) -> Iterator[dict]:
   """Blocks of `split` in order, read batch by batch; the last batch is padded with empty rows."""
-  source = prepared.data_source(split)
+  source = prepared.data_source(split, raw=True)
   n = len(source) if not max_blocks else min(max_blocks, len(source))
   for start in range(0, n, batch_size):
-    records = source.read(start, min(start + batch_size, n))
-    tokens_BxL = np.zeros((batch_size, prepared.seq_len), np.int32)
-    length_B = np.zeros(batch_size, np.int32)
-    for i, r in enumerate(records):
-      tokens_BxL[i], length_B[i] = r["tokens"], r["length"]
-    yield {"tokens": tokens_BxL, "mask": _mask(length_B, prepared.seq_len)}
+    records = shards.read(source, start, min(start + batch_size, n))
+    tokens_bxL, length_b = shards.decode_batch(records, prepared.seq_len)
+    empty = batch_size - len(records)          # rows keeping the shape static
+    tokens_BxL = np.pad(tokens_bxL, ((0, empty), (0, 0)))
+    yield {"tokens": tokens_BxL,
+           "mask": _mask(np.pad(length_b, (0, empty)), prepared.seq_len)}
