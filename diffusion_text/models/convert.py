@@ -197,7 +197,7 @@ def _sedd_arch(config: dict) -> DiTConfig:
 def _sedd_process(config: dict, arch: DiTConfig) -> tuple[str, dict]:
   del arch
   noise = config["noise"]
-  options = {"vocab_size": config["tokens"], "noise": noise["type"]}
+  options = {"vocab_size": config["tokens"], "schedule": noise["type"]}
   if noise["type"] == "geometric":
     options.update(sigma_min=noise["sigma_min"], sigma_max=noise["sigma_max"])
   if config["graph"]["type"] == "absorb":
