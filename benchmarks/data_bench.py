@@ -107,7 +107,7 @@ def _stream_timing(tmp: pathlib.Path, cfg, batch_size=32, seq_len=128, n=50) -> 
   out = {"train_batch_ms_B32_L128": round(ms, 3)}
   ref = pathlib.Path(__file__).with_name("results.json")
   try:   # the masked train step of benchmarks/run.py at the same shape
-    step_tok_s = next(r["train_tokens_per_s"] for r in json.loads(ref.read_text())["results"]
+    step_tok_s = next(r["tokens_per_s"] for r in json.loads(ref.read_text())["train"]
                       if r["process"] == "masked")
     out["data_wait_fraction_of_step"] = round(ms / 1e3 / (batch_size * seq_len / step_tok_s), 4)
   except (OSError, KeyError, StopIteration, TypeError):
