@@ -123,7 +123,10 @@ def cmd_train(args) -> int:
     raise config_lib.ConfigError(
         f"--config is required for a new workdir; presets: "
         f"{', '.join(config_lib.preset_names())}")
-  train.train(cfg, workdir)
+  try:
+    train.train(cfg, workdir)
+  except train.Preempted:
+    return EXIT_PREEMPTED  # checkpoint saved; rerun the command to resume
   return 0
 
 
@@ -188,20 +191,29 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample,
             "compare": cmd_compare, "data": cmd_data}
 
 
+# Exit statuses (docs/reliability.md): 0 done, 2 a user error named in one
+# line, 3 training diverged (non-finite), 130 Ctrl-C and 143 SIGTERM, both
+# after saving a checkpoint.
+EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PREEMPTED = 2, 3, 130, 143
+
+
 def main(argv=None) -> int:
   from diffusion_text.config import ConfigError
-  from diffusion_text.checkpoint import CheckpointMismatch
+  from diffusion_text.checkpoint import CheckpointDamaged, CheckpointMismatch
+  from diffusion_text.train import TrainingDiverged
+  from diffusion_text.workdir import WorkdirBusy, WriteError
   args = _parser().parse_args(argv)
   try:
     return COMMANDS[args.command](args)
   except KeyboardInterrupt:
-    return 130
-  except (ConfigError, CheckpointMismatch, FileNotFoundError, ValueError) as e:
+    return EXIT_INTERRUPTED
+  except (ConfigError, CheckpointMismatch, CheckpointDamaged, WorkdirBusy,
+          WriteError, TrainingDiverged, FileNotFoundError, ValueError) as e:
     if os.environ.get("DIFFUSION_TEXT_DEBUG"):
       raise
     print(f"error: {e}\n(set DIFFUSION_TEXT_DEBUG=1 for a traceback)",
           file=sys.stderr)
-    return 2
+    return EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_USAGE
 
 
 if __name__ == "__main__":

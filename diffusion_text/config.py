@@ -86,6 +86,7 @@ class TrainConfig:
   mesh_data: int = -1            # devices on the 'data' axis (-1: all)
   mesh_fsdp: int = 1             # devices on the 'fsdp' axis (params sharded)
   max_seconds: float = 0.0       # stop (and checkpoint) after this wall time; 0: no limit
+  max_consecutive_skips: int = 10  # stop after more non-finite steps in a row
 
 
 @dataclasses.dataclass(frozen=True)
