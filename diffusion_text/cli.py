@@ -160,16 +160,16 @@ def cmd_compare(args) -> int:
   table = report.markdown_table(rows, args.split)
   print(table)
   if args.out:
-    pathlib.Path(args.out).write_text(table)
+    from diffusion_text import workdir as workdir_lib
+    workdir_lib.atomic_write_text(args.out, table)
   return 0
 
 
 def cmd_data(args) -> int:
-  from diffusion_text import config as config_lib
-  from diffusion_text.data import pipeline
+  from diffusion_text import config as config_lib, run
   cfg = config_lib.apply_overrides(config_lib.load_preset(args.config),
                                    _overrides(args))
-  prepared = pipeline.prepare(cfg)
+  prepared = run.prepare(cfg)
   info = {"vocab_size": prepared.vocab_size, "seq_len": prepared.seq_len,
           "tokens": {s: prepared.num_tokens(s)
                      for s in ("train", "valid", "test")

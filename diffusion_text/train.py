@@ -182,8 +182,14 @@ def _train(cfg, workdir, log, hooks, primary) -> dict:
   state = step_lib.init_state(run.params, tx)
   factory = lambda axis: step_lib.make_train_step(
       run.graphdef, run.process, tx, tc.ema_decay, axis_name=axis)
-  par = sharding.PARALLEL[tc.parallel](sharding.mesh_from_config(tc), factory,
-                                       state)
+  mesh = sharding.mesh_from_config(tc)
+  devices = sharding.batch_devices(mesh)
+  if cfg.data.batch_size % devices:
+    raise config_lib.ConfigError(
+        f"data.batch_size={cfg.data.batch_size} is not divisible by the "
+        f"{devices} devices of the batch axes; use a multiple of {devices} "
+        "(or set train.mesh_data)")
+  par = sharding.PARALLEL[tc.parallel](mesh, factory, state)
 
   ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints, log=log)
   start = 0
@@ -214,6 +220,8 @@ def _train(cfg, workdir, log, hooks, primary) -> dict:
           "train.lr (or raise train.warmup_steps) and resume or start anew")
 
   def save(state_dev, step_no):
+    if saved[0] == step_no:
+      return  # e.g. Ctrl-C or SIGTERM right after a periodic checkpoint
     host = par.host_state(state_dev)
     diverged(int(host.streak), step_no)
     # Never a non-finite checkpoint: one device reduction per save.
