@@ -11,9 +11,11 @@ import sys
 
 def _common_data_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--data-dir", help="corpora directory (default: "
-                 "$DIFFUSION_TEXT_DATA); sets data.data_dir")
+                 "$DIFFUSION_TEXT_DATA, else ../shared/data next to a source "
+                 "checkout); sets data.data_dir")
   p.add_argument("--cache-dir", help="writable cache for prepared data "
-                 "(default: $DIFFUSION_TEXT_CACHE); sets data.cache_dir")
+                 "(default: $DIFFUSION_TEXT_CACHE, else .cache/ in a source "
+                 "checkout, else ~/.cache/diffusion_text); sets data.cache_dir")
   p.add_argument("--set", dest="overrides", action="append", default=[],
                  metavar="KEY=VALUE", help="dotted config override, e.g. "
                  "train.steps=200 or process.schedule=cosine (repeatable)")

@@ -563,3 +563,4 @@ def test_default_data_and_cache_directories(tmp_path, monkeypatch):
   readme = (REPO / "README.md").read_text()
   assert "$DIFFUSION_TEXT_DATA, else `../shared/data`" in readme
   assert "$DIFFUSION_TEXT_CACHE, else `.cache/`" in readme
+  assert "`~/.cache/diffusion_text`" in readme
