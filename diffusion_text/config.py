@@ -5,7 +5,8 @@ A run is fully described by one `Config`. Presets live in `experiments/`
 overrides are `key=value` with dotted keys, e.g. `train.steps=200` or
 `process.schedule=cosine` (keys under `process.` other than `name` are the
 process's own options; run.check_process validates them against the
-process registry, so this module imports no other part of the package).
+process registry, so this module imports no other part of the package but
+`fields`, which holds each field's declared range: `spec`).
 """
 
 from __future__ import annotations
@@ -15,25 +16,18 @@ import dataclasses
 import importlib
 import importlib.util
 import json
-import math
 import os
 import pathlib
 import tempfile
 import typing
 from typing import Any, Optional
 
+from diffusion_text import fields
+from diffusion_text.fields import spec
+
 
 class ConfigError(ValueError):
   """A user-facing configuration mistake; the message names the fix."""
-
-
-def spec(default, *, lo=None, hi=None, lo_open=False, hi_open=False,
-         choices=None, not_=None):
-  """A field's default with its valid range (lo..hi, open or closed ends)
-  or choices, which `validate` enforces."""
-  return dataclasses.field(default=default, metadata=dict(
-      lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, choices=choices,
-      not_=not_))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,44 +235,6 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
   return resolve_paths(cfg)
 
 
-def _type_error(key: str, value: Any, typ: Any) -> Optional[str]:
-  if typing.get_origin(typ) is typing.Union:  # Optional[X]
-    if value is None:
-      return None
-    typ = [a for a in typing.get_args(typ) if a is not type(None)][0]
-  ok = {bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool)
-                          and math.isfinite(v)),
-        str: lambda v: isinstance(v, str),
-        dict: lambda v: isinstance(v, dict)}.get(typ, lambda v: True)
-  if not ok(value):
-    what = "a finite number" if typ is float else getattr(typ, "__name__", typ)
-    return f"{key}={value!r} must be {what}"
-  return None
-
-
-def _range_error(key: str, value: Any, m: dict) -> Optional[str]:
-  if m.get("choices") is not None and value not in m["choices"]:
-    return f"{key} must be one of {', '.join(map(str, m['choices']))}, not {value!r}"
-  lo, hi = m.get("lo"), m.get("hi")
-  bad = ((lo is not None and (value <= lo if m["lo_open"] else value < lo))
-         or (hi is not None and (value >= hi if m["hi_open"] else value > hi))
-         or (m.get("not_") is not None and value == m["not_"]))
-  if not bad:
-    return None
-  if lo is not None and hi is not None:
-    want = (f"in {'(' if m['lo_open'] else '['}{lo}, {hi}"
-            f"{')' if m['hi_open'] else ']'}")
-  elif lo is not None:
-    want = f"{'>' if m['lo_open'] else '>='} {lo}"
-  else:
-    want = f"{'<' if m['hi_open'] else '<='} {hi}"
-  if m.get("not_") is not None:
-    want += f" and not {m['not_']}"
-  return f"{key}={value!r} must be {want}"
-
-
 def validate(cfg: Config) -> None:
   """Every field against its type and its `spec` range, then the few rules
   that tie fields together; raise ConfigError naming the field.
@@ -289,13 +245,9 @@ def validate(cfg: Config) -> None:
     if section == "name":
       continue
     sec = getattr(cfg, section)
-    hints = typing.get_type_hints(type(sec))
-    for f in dataclasses.fields(sec):
-      key, value = f"{section}.{f.name}", getattr(sec, f.name)
-      err = _type_error(key, value, hints[f.name])
-      err = err or _range_error(key, value, f.metadata)
-      if err:
-        raise ConfigError(err)
+    err = fields.first_error(section, sec)
+    if err:
+      raise ConfigError(err)
   m = cfg.model
   if m.d_model % m.num_heads:
     raise ConfigError(f"model.d_model={m.d_model} is not divisible by "

@@ -411,9 +411,9 @@ def test_a_preset_file_read_from_config_json_is_validated_too(tmp_path):
 
 
 def test_process_options_are_typed_by_the_process():
-  for override, words in (("process.antithetic=maybe", "must be true or false"),
-                          ("process.t_min=abc", "must be a finite number"),
-                          ("process.num_steps=1.5", "must be an integer")):
+  for override, words in (("process.antithetic=maybe", "antithetic.*must be true or false"),
+                          ("process.t_min=abc", "t_min.*must be a .*number"),
+                          ("process.num_steps=1.5", "num_steps.*must be an integer")):
     cfg = _cfg([override])
     with pytest.raises(config_lib.ConfigError, match=words):
       run_lib.check_process(cfg)
