@@ -11,9 +11,11 @@ import sys
 
 def _common_data_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--data-dir", help="corpora directory (default: "
-                 "$DIFFUSION_TEXT_DATA); sets data.data_dir")
+                 "$DIFFUSION_TEXT_DATA, else ../shared/data next to a source "
+                 "checkout); sets data.data_dir")
   p.add_argument("--cache-dir", help="writable cache for prepared data "
-                 "(default: $DIFFUSION_TEXT_CACHE); sets data.cache_dir")
+                 "(default: $DIFFUSION_TEXT_CACHE, else .cache/ in a source "
+                 "checkout, else ~/.cache/diffusion_text); sets data.cache_dir")
   p.add_argument("--set", dest="overrides", action="append", default=[],
                  metavar="KEY=VALUE", help="dotted config override, e.g. "
                  "train.steps=200 or process.schedule=cosine (repeatable)")
@@ -123,7 +125,10 @@ def cmd_train(args) -> int:
     raise config_lib.ConfigError(
         f"--config is required for a new workdir; presets: "
         f"{', '.join(config_lib.preset_names())}")
-  train.train(cfg, workdir)
+  try:
+    train.train(cfg, workdir)
+  except train.Preempted:
+    return EXIT_PREEMPTED  # checkpoint saved; rerun the command to resume
   return 0
 
 
@@ -157,16 +162,16 @@ def cmd_compare(args) -> int:
   table = report.markdown_table(rows, args.split)
   print(table)
   if args.out:
-    pathlib.Path(args.out).write_text(table)
+    from diffusion_text import workdir as workdir_lib
+    workdir_lib.atomic_write_text(args.out, table)
   return 0
 
 
 def cmd_data(args) -> int:
-  from diffusion_text import config as config_lib
-  from diffusion_text.data import pipeline
+  from diffusion_text import config as config_lib, run
   cfg = config_lib.apply_overrides(config_lib.load_preset(args.config),
                                    _overrides(args))
-  prepared = pipeline.prepare(cfg)
+  prepared = run.prepare(cfg)
   info = {"vocab_size": prepared.vocab_size, "seq_len": prepared.seq_len,
           "tokens": {s: prepared.num_tokens(s)
                      for s in ("train", "valid", "test")
@@ -188,20 +193,29 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample,
             "compare": cmd_compare, "data": cmd_data}
 
 
+# Exit statuses (docs/reliability.md): 0 done, 2 a user error named in one
+# line, 3 training diverged (non-finite), 130 Ctrl-C and 143 SIGTERM, both
+# after saving a checkpoint.
+EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PREEMPTED = 2, 3, 130, 143
+
+
 def main(argv=None) -> int:
   from diffusion_text.config import ConfigError
-  from diffusion_text.checkpoint import CheckpointMismatch
+  from diffusion_text.checkpoint import CheckpointDamaged, CheckpointMismatch
+  from diffusion_text.train import TrainingDiverged
+  from diffusion_text.workdir import WorkdirBusy, WriteError
   args = _parser().parse_args(argv)
   try:
     return COMMANDS[args.command](args)
   except KeyboardInterrupt:
-    return 130
-  except (ConfigError, CheckpointMismatch, FileNotFoundError, ValueError) as e:
+    return EXIT_INTERRUPTED
+  except (ConfigError, CheckpointMismatch, CheckpointDamaged, WorkdirBusy,
+          WriteError, TrainingDiverged, FileNotFoundError, ValueError) as e:
     if os.environ.get("DIFFUSION_TEXT_DEBUG"):
       raise
     print(f"error: {e}\n(set DIFFUSION_TEXT_DEBUG=1 for a traceback)",
           file=sys.stderr)
-    return 2
+    return EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_USAGE
 
 
 if __name__ == "__main__":

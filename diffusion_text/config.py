@@ -5,7 +5,8 @@ A run is fully described by one `Config`. Presets live in `experiments/`
 overrides are `key=value` with dotted keys, e.g. `train.steps=200` or
 `process.schedule=cosine` (keys under `process.` other than `name` are the
 process's own options; run.check_process validates them against the
-process registry, so this module imports no other part of the package).
+process registry, so this module imports no other part of the package but
+`fields`, which holds each field's declared range: `spec`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ import importlib.util
 import json
 import os
 import pathlib
+import tempfile
 import typing
 from typing import Any, Optional
+
+from diffusion_text import fields
+from diffusion_text.fields import spec
 
 
 class ConfigError(ValueError):
@@ -39,12 +44,12 @@ class ProcessConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  num_layers: int = 4            # transformer blocks
-  d_model: int = 256             # residual width
-  num_heads: int = 4             # attention heads (d_model % num_heads == 0)
-  mlp_ratio: int = 4             # MLP hidden = mlp_ratio * d_model
-  cond_dim: int = 128            # width of the time embedding fed to adaLN
-  dtype: str = "float32"         # compute dtype: float32 or bfloat16
+  num_layers: int = spec(4, lo=1)  # transformer blocks
+  d_model: int = spec(256, lo=1)  # residual width
+  num_heads: int = spec(4, lo=1)  # attention heads (d_model % num_heads == 0)
+  mlp_ratio: int = spec(4, lo=1)  # MLP hidden = mlp_ratio * d_model
+  cond_dim: int = spec(128, lo=1)  # width of the time embedding fed to adaLN
+  dtype: str = spec("float32", choices=("float32", "bfloat16"))  # compute dtype: float32 or bfloat16
   remat: bool = False            # rematerialise each block in the backward pass
   scan_layers: bool = False      # stack blocks and jax.lax.scan over them
 
@@ -54,61 +59,62 @@ class DataConfig:
   source: str = "ptb"            # corpus name (data.sources.names()), tfds:NAME or hf:NAME
   path: Optional[str] = None     # text/text8: a file; files/owt: a file, dir or glob; lm1b: release dir
   tokenizer: str = "word"        # word | char | gpt2 | bert | text8
-  seq_len: int = 128             # tokens per training/eval block
-  batch_size: int = 32           # global batch (sequences per step)
+  seq_len: int = spec(128, lo=2)  # tokens per training/eval block
+  batch_size: int = spec(32, lo=1)  # global batch (sequences per step)
   data_dir: Optional[str] = None   # corpora; default $DIFFUSION_TEXT_DATA
   cache_dir: Optional[str] = None  # prepared data; default $DIFFUSION_TEXT_CACHE
-  seed: int = 0                  # shuffling seed of the training stream
-  packing: str = "concat"        # concat (units+EOS cut into blocks) | pad (one padded block per unit)
-  valid_docs: int = 100_000      # files/owt sources: last documents held out as 'valid' (SEDD/MDLM OWT)
-  txt_document: str = "line"     # files/owt sources: a .txt holds one document per 'line' or per 'file'
-  workers: int = 2               # tokenizer processes while preparing corpora over 16 MB (1: in-process)
-  shard_blocks: int = 8192       # blocks per array_record shard (the resume granularity)
+  seed: int = spec(0, lo=0)  # shuffling seed of the training stream
+  packing: str = spec("concat", choices=("concat", "pad"))  # concat (units+EOS cut into blocks) | pad (one padded block per unit)
+  valid_docs: int = spec(100_000, lo=0)  # files/owt sources: last documents held out as 'valid' (SEDD/MDLM OWT)
+  txt_document: str = spec("line", choices=("line", "file"))  # files/owt sources: a .txt holds one document per 'line' or per 'file'
+  workers: int = spec(2, lo=1)  # tokenizer processes while preparing corpora over 16 MB (1: in-process)
+  shard_blocks: int = spec(8192, lo=1)  # blocks per array_record shard (the resume granularity)
   allow_download: bool = False   # tfds:/hf: sources may download; otherwise local caches only
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  steps: int = 1000              # optimizer steps
-  lr: float = 1e-3               # peak learning rate
-  warmup_steps: int = 100        # linear warmup from 0 to lr
-  min_lr_ratio: float = 0.1      # cosine decay ends at lr * min_lr_ratio
-  weight_decay: float = 0.01     # AdamW decoupled weight decay
-  b1: float = 0.9                # Adam beta1
-  b2: float = 0.98               # Adam beta2
-  grad_clip: float = 1.0         # global-norm clipping (0 disables)
-  ema_decay: float = 0.999       # EMA of parameters (0 disables)
-  seed: int = 0                  # model init and noise PRNG seed
-  log_every: int = 50            # steps between progress lines / JSONL rows
-  checkpoint_every: int = 500    # steps between checkpoints (and at the end)
-  keep_checkpoints: int = 2      # checkpoints kept on disk
-  parallel: str = "sharded"      # sharded (jit + NamedSharding) or pmap
-  mesh_data: int = -1            # devices on the 'data' axis (-1: all)
-  mesh_fsdp: int = 1             # devices on the 'fsdp' axis (params sharded)
-  max_seconds: float = 0.0       # stop (and checkpoint) after this wall time; 0: no limit
+  steps: int = spec(1000, lo=1)  # optimizer steps
+  lr: float = spec(1e-3, lo=0, lo_open=True)  # peak learning rate
+  warmup_steps: int = spec(100, lo=0)  # linear warmup from 0 to lr
+  min_lr_ratio: float = spec(0.1, lo=0, hi=1)  # cosine decay ends at lr * min_lr_ratio
+  weight_decay: float = spec(0.01, lo=0)  # AdamW decoupled weight decay
+  b1: float = spec(0.9, lo=0, hi=1, hi_open=True)  # Adam beta1
+  b2: float = spec(0.98, lo=0, hi=1, hi_open=True)  # Adam beta2
+  grad_clip: float = spec(1.0, lo=0)  # global-norm clipping (0 disables)
+  ema_decay: float = spec(0.999, lo=0, hi=1, hi_open=True)  # EMA of parameters (0 disables)
+  seed: int = spec(0, lo=0)  # model init and noise PRNG seed
+  log_every: int = spec(50, lo=1)  # steps between progress lines / JSONL rows
+  checkpoint_every: int = spec(500, lo=1)  # steps between checkpoints (and at the end)
+  keep_checkpoints: int = spec(2, lo=1)  # checkpoints kept on disk
+  parallel: str = spec("sharded", choices=("sharded", "pmap"))  # sharded (jit + NamedSharding) or pmap
+  mesh_data: int = spec(-1, lo=-1, not_=0)  # devices on the 'data' axis (-1: all)
+  mesh_fsdp: int = spec(1, lo=1)  # devices on the 'fsdp' axis (params sharded)
+  max_seconds: float = spec(0.0, lo=0)  # stop (and checkpoint) after this wall time; 0: no limit
+  max_consecutive_skips: int = spec(10, lo=0)  # stop after more non-finite steps in a row
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
   """`diffusion-text eval` settings; its flags are shorthand for these."""
-  split: str = "test"            # train | valid | test
-  mc_samples: int = 1            # Monte-Carlo time samples per block
-  max_blocks: int = 0            # evaluate at most this many blocks (0: all)
-  batch_size: int = 32           # blocks per evaluation batch
+  split: str = spec("test", choices=("train", "valid", "test"))  # train | valid | test
+  mc_samples: int = spec(1, lo=1)  # Monte-Carlo time samples per block
+  max_blocks: int = spec(0, lo=0)  # evaluate at most this many blocks (0: all)
+  batch_size: int = spec(32, lo=1)  # blocks per evaluation batch
   use_ema: bool = True           # evaluate the EMA parameters
-  seed: int = 0                  # PRNG seed of the Monte-Carlo estimate
+  seed: int = spec(0, lo=0)  # PRNG seed of the Monte-Carlo estimate
 
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
   """`diffusion-text sample` settings; its flags are shorthand for these."""
   sampler: str = "default"       # sampler variant (process default: "default")
-  num: int = 4                   # sequences to draw
-  steps: int = 0                 # reverse steps (0: the process default)
-  length: int = 0                # tokens per sample (0: data.seq_len)
-  seed: int = 0                  # sampling PRNG seed
-  temperature: float = 1.0       # softmax temperature where supported
-  top_p: float = 1.0             # nucleus sampling where supported
+  num: int = spec(4, lo=1)  # sequences to draw
+  steps: int = spec(0, lo=0)  # reverse steps (0: the process default)
+  length: int = spec(0, lo=0)  # tokens per sample (0: data.seq_len)
+  seed: int = spec(0, lo=0)  # sampling PRNG seed
+  temperature: float = spec(1.0, lo=0)  # softmax temperature where supported
+  top_p: float = spec(1.0, lo=0, hi=1, lo_open=True)  # nucleus sampling where supported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,37 +232,37 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
       sec = dataclasses.replace(sec, **{field: _parse_value(raw, hints[field], key)})
     cfg = dataclasses.replace(cfg, **{section: sec})
   validate(cfg)
-  return cfg
+  return resolve_paths(cfg)
 
 
 def validate(cfg: Config) -> None:
-  """Checks that need no data; raise ConfigError naming the fix.
+  """Every field against its type and its `spec` range, then the few rules
+  that tie fields together; raise ConfigError naming the field.
 
   Process options are checked by run.check_process (it knows the processes).
   """
+  for section in _SECTIONS:
+    if section == "name":
+      continue
+    sec = getattr(cfg, section)
+    err = fields.first_error(section, sec)
+    if err:
+      raise ConfigError(err)
   m = cfg.model
   if m.d_model % m.num_heads:
     raise ConfigError(f"model.d_model={m.d_model} is not divisible by "
                       f"model.num_heads={m.num_heads}")
-  if m.dtype not in ("float32", "bfloat16"):
-    raise ConfigError(f"model.dtype must be float32 or bfloat16, not {m.dtype!r}")
-  if cfg.train.parallel not in ("sharded", "pmap"):
-    raise ConfigError("train.parallel must be 'sharded' or 'pmap', not "
-                      f"{cfg.train.parallel!r}")
-  if cfg.data.seq_len < 2 or cfg.data.batch_size < 1:
-    raise ConfigError("data.seq_len must be >= 2 and data.batch_size >= 1")
-  if cfg.eval.split not in ("train", "valid", "test"):
-    raise ConfigError(f"eval.split must be train, valid or test, not "
-                      f"{cfg.eval.split!r}")
-  if cfg.eval.mc_samples < 1 or cfg.eval.batch_size < 1:
-    raise ConfigError("eval.mc_samples and eval.batch_size must be >= 1")
-  s = cfg.sample
-  if s.num < 1 or s.steps < 0 or s.length < 0:
-    raise ConfigError("sample.num must be >= 1, sample.steps and "
-                      "sample.length >= 0 (0: the default)")
-  if s.temperature < 0 or not 0.0 < s.top_p <= 1.0:
-    raise ConfigError(f"sample.temperature must be >= 0 and sample.top_p in "
-                      f"(0, 1], not {s.temperature} and {s.top_p}")
+
+
+def resolve_paths(cfg: Config) -> Config:
+  """data.path / data_dir / cache_dir made absolute once (from the directory
+  the command runs in), so a workdir's config works from anywhere."""
+  absolute = lambda p: p if p is None else os.path.abspath(
+      os.path.expanduser(p))
+  d = cfg.data
+  return dataclasses.replace(cfg, data=dataclasses.replace(
+      d, path=absolute(d.path), data_dir=absolute(d.data_dir),
+      cache_dir=absolute(d.cache_dir)))
 
 
 # ------------------------------------------------------------------- presets
@@ -278,22 +284,65 @@ def load_preset(name: str) -> Config:
                       f"{', '.join(preset_names())} (or a path to a .py file)")
   spec = importlib.util.spec_from_file_location(f"_preset_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"config file {path} has a syntax error on line "
+                      f"{e.lineno}: {e.msg}; fix it") from None
+  if not callable(getattr(module, "config", None)):
+    raise ConfigError(f"config file {path} defines no config() function; "
+                      "add `def config(): return Config(...)` (see "
+                      "experiments/synthetic_masked.py)")
   cfg = module.config()
+  if not isinstance(cfg, Config):
+    raise ConfigError(f"config() in {path} returned {type(cfg).__name__}, "
+                      "not a diffusion_text.config.Config")
   if cfg.name == "custom":
     cfg = dataclasses.replace(cfg, name=path.stem)
   return cfg
 
 
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _source_checkout() -> bool:
+  return (REPO / "pyproject.toml").exists()
+
+
+def default_data_dir() -> Optional[str]:
+  """$DIFFUSION_TEXT_DATA, else ../shared/data next to a source checkout
+  (where `make` points it too), else None."""
+  d = os.environ.get("DIFFUSION_TEXT_DATA")
+  shared = REPO.parent / "shared" / "data"
+  if not d and _source_checkout() and shared.is_dir():
+    d = str(shared)
+  return d
+
+
 def data_dir(cfg: Config) -> pathlib.Path:
-  d = cfg.data.data_dir or os.environ.get("DIFFUSION_TEXT_DATA")
-  if not d:
-    raise ConfigError("no data directory: set DIFFUSION_TEXT_DATA or "
-                      "data.data_dir=PATH (e.g. ../shared/data)")
-  return pathlib.Path(d).expanduser()
+  """data.data_dir, else `default_data_dir()`."""
+  d = cfg.data.data_dir or default_data_dir()
+  if d:
+    return pathlib.Path(d).expanduser()
+  raise ConfigError("no data directory: set DIFFUSION_TEXT_DATA or "
+                    "--data-dir PATH (a source checkout uses ../shared/data "
+                    "when it exists)")
 
 
 def cache_dir(cfg: Config) -> pathlib.Path:
-  d = (cfg.data.cache_dir or os.environ.get("DIFFUSION_TEXT_CACHE")
-       or os.path.join(os.path.expanduser("~"), ".cache", "diffusion_text"))
-  return pathlib.Path(d).expanduser()
+  """data.cache_dir, else $DIFFUSION_TEXT_CACHE, else .cache/ in a source
+  checkout, else ~/.cache/diffusion_text; it must be writable."""
+  d = cfg.data.cache_dir or os.environ.get("DIFFUSION_TEXT_CACHE")
+  if not d:
+    d = (REPO / ".cache" if _source_checkout()
+         else pathlib.Path("~/.cache/diffusion_text"))
+  path = pathlib.Path(d).expanduser()
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe")
+    probe.close()
+  except OSError as e:
+    raise ConfigError(f"cache directory {path} is not writable "
+                      f"({e.strerror or e}); set --cache-dir or "
+                      "DIFFUSION_TEXT_CACHE to a writable directory") from None
+  return path

@@ -43,7 +43,9 @@ class Run:
 
   @property
   def fingerprint(self) -> str:
-    return run_fingerprint(self.cfg, self.prepared.tokenizer)
+    files = sorted((self.prepared.provenance().get("files_sha256")
+                    or {}).values())
+    return run_fingerprint(self.cfg, self.prepared.tokenizer, files)
 
 
 def identity(cfg: config_lib.Config) -> dict:
@@ -54,8 +56,14 @@ def identity(cfg: config_lib.Config) -> dict:
   return out
 
 
-def run_fingerprint(cfg: config_lib.Config, tokenizer) -> str:
-  blob = json.dumps({"identity": identity(cfg),
+def run_fingerprint(cfg: config_lib.Config, tokenizer, files=None) -> str:
+  """Hash of the identity and the vocabulary. A data file counts by its
+  content checksums (`files`), not by the path it is read from (runs
+  without data.path, such as PTB or synthetic, hash as before)."""
+  ident = identity(cfg)
+  if ident["data"].get("path") is not None:
+    ident["data"]["path"] = files
+  blob = json.dumps({"identity": ident,
                      "tokenizer": tokenizer.fingerprint()}, sort_keys=True,
                     default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -92,8 +100,8 @@ def setup(cfg: config_lib.Config, workdir: Optional[pathlib.Path] = None,
   tokenizer = None
   if workdir is not None and (workdir / "tokenizer.json").exists():
     tokenizer = tokenizers.tokenizer_from_json(
-        json.loads((workdir / "tokenizer.json").read_text()))
-  prepared = pipeline.prepare(cfg, tokenizer=tokenizer)
+        read_json(workdir / "tokenizer.json"))
+  prepared = prepare(cfg, tokenizer)
   process = build_process(cfg, prepared.vocab_size)
   model = build_model(process.model_spec, cfg.model, seed=cfg.train.seed)
   graphdef, params = nnx.split(model)
@@ -109,6 +117,9 @@ def check_workdir(cfg: config_lib.Config, workdir: pathlib.Path) -> None:
   if not path.exists():
     return
   old, new = identity(load_config(workdir)), identity(cfg)
+  # data.path may move; its content is checked by the checkpoint fingerprint.
+  for ident in (old, new):
+    ident["data"].pop("path", None)
   diffs = [f"{sec}.{k}: {old[sec].get(k)!r} -> {new[sec].get(k)!r}"
            for sec in IDENTITY_KEYS
            for k in sorted(set(old[sec]) | set(new[sec]))
@@ -125,8 +136,45 @@ def load_config(workdir: pathlib.Path, overrides=()) -> config_lib.Config:
   if not path.exists():
     raise FileNotFoundError(f"{workdir} has no config.json: is it a training "
                             "workdir? (create one with `diffusion-text train`)")
-  cfg = config_lib.from_dict(json.loads(path.read_text()))
+  cfg = config_lib.from_dict(read_json(path))
   return config_lib.apply_overrides(cfg, list(overrides))
+
+
+def read_json(path: pathlib.Path):
+  """A workdir's JSON file; a damaged one is named with the fix."""
+  try:
+    return json.loads(path.read_text(encoding="utf-8"))
+  except (ValueError, UnicodeDecodeError) as e:
+    raise config_lib.ConfigError(
+        f"{path} is damaged ({e}); restore it from a backup or copy it from "
+        "a workdir trained with the same config, or train in a new --workdir"
+    ) from None
+
+
+def prepare(cfg: config_lib.Config, tokenizer=None) -> pipeline.Prepared:
+  """pipeline.prepare with its data mistakes named: a file that is not
+  UTF-8, or text too short for one training block."""
+  try:
+    prepared = pipeline.prepare(cfg, tokenizer=tokenizer)
+  except UnicodeDecodeError as e:
+    raise config_lib.ConfigError(
+        f"data.path={cfg.data.path} is not UTF-8 text ({e.reason} at byte "
+        f"{e.start}); convert it, e.g. iconv -f latin1 -t utf-8") from None
+  require_blocks(prepared, "train", cfg)
+  return prepared
+
+
+def require_blocks(prepared: pipeline.Prepared, split: str,
+                   cfg: config_lib.Config) -> int:
+  """The number of blocks of `split`; none at all is a clear error."""
+  n = prepared.num_blocks(split) if split in prepared.splits else 0
+  if n < 1:
+    raise config_lib.ConfigError(
+        f"the {split} split of {cfg.data.source}"
+        + (f" ({cfg.data.path})" if cfg.data.path else "")
+        + f" has no block of data.seq_len={cfg.data.seq_len} tokens; use a "
+        "longer text or a smaller data.seq_len")
+  return n
 
 
 def restore_params(run: Run, workdir: pathlib.Path, use_ema: bool = True):

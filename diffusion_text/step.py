@@ -27,6 +27,8 @@ class TrainState(NamedTuple):
   params: Any              # nnx.State of the model's parameters
   opt_state: Any           # optax state
   ema: Any                 # exponential moving average of params
+  skipped: Any = 0         # int32 scalar: updates skipped as non-finite
+  streak: Any = 0          # int32 scalar: consecutive skips up to now
 
 
 def learning_rate(cfg: TrainConfig) -> optax.Schedule:
@@ -51,7 +53,9 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 def init_state(params, tx: optax.GradientTransformation) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=tx.init(params),
-                    ema=jax.tree.map(jnp.copy, params))
+                    ema=jax.tree.map(jnp.copy, params),
+                    skipped=jnp.zeros((), jnp.int32),
+                    streak=jnp.zeros((), jnp.int32))
 
 
 def _ema_update(ema, params, step, decay: float):
@@ -84,8 +88,33 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, *, graphdef,
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = _ema_update(state.ema, params, state.step, ema_decay)
-  metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-  return TrainState(state.step + 1, params, opt_state, ema), metrics
+  grad_norm = optax.tree.norm(grads)
+  new = _keep_if_finite(state, loss, grad_norm, params, opt_state, ema)
+  metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
+                 skipped=(new.streak > 0).astype(jnp.float32),
+                 streak=new.streak.astype(jnp.float32))
+  return new, metrics
+
+
+def _keep_if_finite(state: TrainState, loss, grad_norm, params, opt_state,
+                    ema) -> TrainState:
+  """The updated state, or `state` itself if the loss or gradient norm is
+  non-finite (a NaN/inf step is skipped on device; no host sync). A finite
+  step selects the update bit for bit."""
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  pick = lambda new, old: jax.tree.map(
+      lambda n, o: jnp.where(ok, n, o), new, old)
+  return TrainState(state.step + 1, pick(params, state.params),
+                    pick(opt_state, state.opt_state), pick(ema, state.ema),
+                    state.skipped + (~ok).astype(jnp.int32),
+                    jnp.where(ok, 0, state.streak + 1).astype(jnp.int32))
+
+
+def all_finite(tree) -> jax.Array:
+  """One device scalar: every floating leaf of `tree` is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def bound_step(params, batch: dict, key: jax.Array, *, graphdef,

@@ -19,18 +19,20 @@ progress line are themselves hooks (`MetricsWriter`, `ProgressPrinter`).
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
+import signal
+import threading
 import time
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from diffusion_text import config as config_lib, distributed, sharding
 from diffusion_text import run as run_lib, step as step_lib
+from diffusion_text import workdir as workdir_lib
 from diffusion_text.checkpoint import Checkpointer
 from diffusion_text.data import pipeline
 
@@ -45,18 +47,60 @@ def _fmt_time(seconds: float) -> str:
 
 
 class MetricsWriter:
-  """Hook: append each row to `<workdir>/metrics.jsonl` (process 0 only)."""
+  """Hook: append each row to `<workdir>/metrics.jsonl` (process 0 only).
 
-  def __init__(self, path: pathlib.Path | str):
-    self._file = open(path, "a")
+  A `workdir.MetricsLog`: rows past the restored step are dropped, a torn
+  last line is repaired and non-finite values are written as null.
+  """
+
+  def __init__(self, path: pathlib.Path | str, resume_step: int = 0,
+               enabled: bool = True):
+    self._log = workdir_lib.MetricsLog(path, resume_step, enabled)
+    self.time_offset = self._log.time_offset  # elapsed_s of earlier segments
 
   def __call__(self, step: int, state, row: dict) -> None:
     del step, state
-    self._file.write(json.dumps(row) + "\n")
-    self._file.flush()
+    self._log.write(row)
 
   def close(self) -> None:
-    self._file.close()
+    self._log.close()
+
+
+class TrainingDiverged(RuntimeError):
+  """Too many consecutive non-finite steps; the message names the last good
+  checkpoint."""
+
+
+class Preempted(Exception):
+  """SIGTERM (or a multi-host preemption notice): saved, then stopped."""
+
+
+class _Preemption:
+  """SIGTERM sets a flag the loop checks once per step (no device sync); on
+  several hosts JAX's preemption sync point makes all agree on the step."""
+
+  def __init__(self):
+    self.flag = False
+    self._old = None
+
+  def __enter__(self):
+    if jax.process_count() == 1 and \
+        threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._on_term)
+    return self
+
+  def _on_term(self, signum, frame):
+    del signum, frame
+    self.flag = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.flag
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
 
 
 class ProgressPrinter:
@@ -72,47 +116,82 @@ class ProgressPrinter:
     rate = row["tokens_per_s"]
     eta = (self.total - step) * self.tokens_per_step / max(rate, 1e-9)
     bound = row.get("nll_bound", float("nan"))
+    skipped = (f" | {row['skipped']:.0f} non-finite step(s) skipped"
+               if row.get("skipped") else "")
     self.log(f"[train] step {step}/{self.total} | loss {row['loss']:.4f} | "
              f"bound <= {bound:.4f} nats/tok | {rate:,.0f} tok/s | "
-             f"ETA {_fmt_time(eta)}")
+             f"ETA {_fmt_time(eta)}{skipped}")
 
 
 def _prepare_workdir(cfg, workdir: pathlib.Path, log) -> run_lib.Run:
-  """Validate, check the workdir, build the run, write config + tokenizer."""
-  config_lib.validate(cfg)
-  run_lib.check_process(cfg)
-  run_lib.check_workdir(cfg, workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  """Build the run and write config + tokenizer (after `_check`)."""
   run = run_lib.setup(cfg, workdir, log)
   # Every process has read the workdir before the primary rewrites it.
   distributed.barrier("train_setup")
   if distributed.is_primary():
-    (workdir / "config.json").write_text(
-        json.dumps(config_lib.to_dict(cfg), indent=2, default=str))
-    (workdir / "tokenizer.json").write_text(
-        json.dumps(run.prepared.tokenizer.to_json()))
+    workdir_lib.atomic_write_json(workdir / "config.json",
+                                  config_lib.to_dict(cfg))
+    workdir_lib.atomic_write_text(
+        workdir / "tokenizer.json",
+        workdir_lib.dumps(run.prepared.tokenizer.to_json()))
   return run
+
+
+def _check(cfg, workdir: pathlib.Path) -> None:
+  """Everything that needs no data, before anything is written."""
+  config_lib.validate(cfg)
+  run_lib.check_process(cfg)
+  run_lib.check_workdir(cfg, workdir)
+
+
+def _accumulate(acc, metrics):
+  """Interval sums of the metrics on device; the skip streak keeps its max."""
+  if acc is None:
+    return metrics
+  return {k: (jnp.maximum if k == "streak" else jnp.add)(acc[k], v)
+          for k, v in metrics.items()}
 
 
 def train(cfg: config_lib.Config, workdir: str | pathlib.Path,
           log: Callable[[str], None] = print,
           hooks: Sequence[Hook] = ()) -> dict:
-  """Train (or resume) `cfg` in `workdir`; returns a summary dict."""
-  workdir = pathlib.Path(workdir)
+  """Train (or resume) `cfg` in `workdir`; returns a summary dict.
+
+  Raises KeyboardInterrupt (Ctrl-C) or `Preempted` (SIGTERM) after saving
+  a checkpoint, and `TrainingDiverged` when more than
+  train.max_consecutive_skips steps in a row were non-finite.
+  """
+  workdir = pathlib.Path(workdir).absolute()
   primary = distributed.is_primary()
   if not primary:
     log = lambda msg: None
-  run = _prepare_workdir(cfg, workdir, log)
+  _check(cfg, workdir)
+  lock = workdir_lib.WorkdirLock(workdir, log)
+  if primary:
+    lock.acquire()
+  try:
+    return _train(cfg, workdir, log, hooks, primary)
+  finally:
+    lock.release()
 
+
+def _train(cfg, workdir, log, hooks, primary) -> dict:
+  run = _prepare_workdir(cfg, workdir, log)
   tc = cfg.train
   tx = step_lib.make_optimizer(tc)
   state = step_lib.init_state(run.params, tx)
   factory = lambda axis: step_lib.make_train_step(
       run.graphdef, run.process, tx, tc.ema_decay, axis_name=axis)
-  par = sharding.PARALLEL[tc.parallel](sharding.mesh_from_config(tc), factory,
-                                       state)
+  mesh = sharding.mesh_from_config(tc)
+  devices = sharding.batch_devices(mesh)
+  if cfg.data.batch_size % devices:
+    raise config_lib.ConfigError(
+        f"data.batch_size={cfg.data.batch_size} is not divisible by the "
+        f"{devices} devices of the batch axes; use a multiple of {devices} "
+        "(or set train.mesh_data)")
+  par = sharding.PARALLEL[tc.parallel](mesh, factory, state)
 
-  ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints)
+  ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints, log=log)
   start = 0
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(par.target(state),
@@ -130,13 +209,32 @@ def train(cfg: config_lib.Config, workdir: str | pathlib.Path,
       shard_index=jax.process_index(), shard_count=jax.process_count())
   base_key = jax.random.key(tc.seed)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  saved = [start if start else None]  # step of the last good checkpoint
+
+  def diverged(streak, step_no):
+    if streak > tc.max_consecutive_skips:
+      raise TrainingDiverged(
+          f"the loss or gradient norm was non-finite for {streak} consecutive "
+          f"steps up to step {step_no} (more than train.max_consecutive_skips="
+          f"{tc.max_consecutive_skips}). {_last_good(ckpt, saved[0])} Lower "
+          "train.lr (or raise train.warmup_steps) and resume or start anew")
 
   def save(state_dev, step_no):
-    ckpt.save(step_no, par.host_state(state_dev),
+    if saved[0] == step_no:
+      return  # e.g. Ctrl-C or SIGTERM right after a periodic checkpoint
+    host = par.host_state(state_dev)
+    diverged(int(host.streak), step_no)
+    # Never a non-finite checkpoint: one device reduction per save.
+    if not bool(step_lib.all_finite((host.params, host.ema))):
+      raise TrainingDiverged(
+          f"the parameters are non-finite at step {step_no}; no checkpoint "
+          f"written. {_last_good(ckpt, saved[0])}")
+    ckpt.save(step_no, host,
               {"step": step_no, "fingerprint": run.fingerprint,
                "data_seed": cfg.data.seed, "batch_size": cfg.data.batch_size})
+    saved[0] = step_no
 
-  writer = MetricsWriter(workdir / "metrics.jsonl" if primary else os.devnull)
+  writer = MetricsWriter(workdir / "metrics.jsonl", start, enabled=primary)
   all_hooks = [writer, ProgressPrinter(tc.steps, tokens_per_step, log),
                *hooks]
   log(f"[train] {tc.steps - start} steps of {cfg.data.batch_size}x"
@@ -153,10 +251,12 @@ def train(cfg: config_lib.Config, workdir: str | pathlib.Path,
   def flush(pending, state_dev):
     p_step, p_sum, p_count = pending
     now = time.time()
-    m = {k: float(np.mean(v)) / p_count
-         for k, v in jax.device_get(p_sum).items()}
+    sums = {k: float(np.mean(v)) for k, v in jax.device_get(p_sum).items()}
+    diverged(int(sums.pop("streak")), p_step)
+    m = {k: v if k == "skipped" else v / p_count for k, v in sums.items()}
     rate = (p_step - last[1]) * tokens_per_step / max(now - last[0], 1e-9)
-    row = {"step": p_step, "elapsed_s": round(now - t0, 2),
+    row = {"step": p_step,
+           "elapsed_s": round(writer.time_offset + now - t0, 2),
            "tokens_seen": p_step * tokens_per_step,
            "tokens_per_s": round(rate, 1), **m}
     last[:] = [now, p_step]
@@ -164,34 +264,45 @@ def train(cfg: config_lib.Config, workdir: str | pathlib.Path,
       hook(p_step, state_dev, row)
 
   try:
-    while step_no < tc.steps:
-      batch = par.place_batch(next(batches))
-      key = jax.random.fold_in(base_key, step_no)
-      state, metrics = par.step(state, batch, key)
-      step_no += 1
-      # Summed on device (asynchronously): logged rows are interval means.
-      acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
-      n_acc += 1
-      if step_no % tc.checkpoint_every == 0 and step_no < tc.steps:
-        save(state, step_no)
-      if pending is not None:
-        row_due, pending = pending, None
-        flush(row_due, state)
-      if step_no % tc.log_every == 0 or step_no == tc.steps or step_no == start + 1:
-        pending = (step_no, acc, n_acc)
-        acc, n_acc = None, 0
-      if tc.max_seconds and time.time() - t0 > tc.max_seconds:
-        status = "time_limit"
-        log(f"[train] train.max_seconds={tc.max_seconds} reached at step {step_no}")
-        break
+    with _Preemption() as preemption:
+      while step_no < tc.steps:
+        batch = par.place_batch(next(batches))
+        key = jax.random.fold_in(base_key, step_no)
+        state, metrics = par.step(state, batch, key)
+        step_no += 1
+        # Summed on device (asynchronously): logged rows are interval means.
+        acc = _accumulate(acc, metrics)
+        n_acc += 1
+        if step_no % tc.checkpoint_every == 0 and step_no < tc.steps:
+          save(state, step_no)
+        if pending is not None:
+          row_due, pending = pending, None
+          flush(row_due, state)
+        if step_no % tc.log_every == 0 or step_no == tc.steps or step_no == start + 1:
+          pending = (step_no, acc, n_acc)
+          acc, n_acc = None, 0
+        if preemption.reached(step_no):
+          status = "preempted"
+          log(f"[train] SIGTERM at step {step_no}; saving a checkpoint")
+          break
+        if tc.max_seconds and time.time() - t0 > tc.max_seconds:
+          status = "time_limit"
+          log(f"[train] train.max_seconds={tc.max_seconds} reached at step {step_no}")
+          break
   except KeyboardInterrupt:
     status = "interrupted"
     log(f"\n[train] interrupted at step {step_no}; saving a checkpoint")
-  save(state, step_no)
-  if pending is not None:
-    flush(pending, state)
-  writer.close()
-  ckpt.close()
+  except TrainingDiverged:
+    writer.close()
+    ckpt.close()
+    raise
+  try:
+    save(state, step_no)
+    if pending is not None:
+      flush(pending, state)
+  finally:
+    writer.close()
+    ckpt.close()
   wall = time.time() - t0
   summary = {"step": step_no, "status": status, "wall_s": round(wall, 1),
              "tokens_seen": step_no * tokens_per_step, "workdir": str(workdir)}
@@ -200,4 +311,12 @@ def train(cfg: config_lib.Config, workdir: str | pathlib.Path,
       + ("; run the same command to resume" if status != "done" else ""))
   if status == "interrupted":
     raise KeyboardInterrupt
+  if status == "preempted":
+    raise Preempted(f"preempted at step {step_no}; checkpoint saved")
   return summary
+
+
+def _last_good(ckpt: Checkpointer, step: Optional[int]) -> str:
+  if step is None:
+    return "There is no earlier checkpoint."
+  return f"The last good checkpoint is {ckpt.directory / str(step)} (step {step})."

@@ -21,6 +21,7 @@ import os
 import pathlib
 from typing import Iterable, Optional, Sequence, Union
 
+from diffusion_text import config as config_lib
 from diffusion_text.config import ConfigError
 
 TrainText = Union[str, Sequence[str], None]
@@ -273,7 +274,7 @@ def _missing(path: pathlib.Path, what: str) -> ConfigError:
 
 
 def resolve_data_dir(data_dir) -> pathlib.Path:
-  d = data_dir or os.environ.get("DIFFUSION_TEXT_DATA")
+  d = data_dir or config_lib.default_data_dir()
   if not d:
     raise ConfigError("no data directory: set DIFFUSION_TEXT_DATA or "
                       "data.data_dir=PATH (e.g. ../shared/data)")

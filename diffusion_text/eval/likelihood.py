@@ -13,7 +13,6 @@ Bits and perplexity are derived here and nowhere else.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import pathlib
 import subprocess
@@ -24,7 +23,7 @@ import jax
 import numpy as np
 
 from diffusion_text import config as config_lib, run as run_lib, sharding
-from diffusion_text import step as step_lib
+from diffusion_text import step as step_lib, workdir as workdir_lib
 from diffusion_text.data import pipeline
 
 LN2 = math.log(2.0)
@@ -132,7 +131,7 @@ def evaluate_workdir(workdir, overrides=(),
   workdir = pathlib.Path(workdir)
   run, params, step = run_lib.open_workdir(workdir, overrides, log)
   cfg, ev = run.cfg, run.cfg.eval
-  n_blocks = len(run.prepared.blocks(ev.split))
+  n_blocks = run_lib.require_blocks(run.prepared, ev.split, cfg)
   if ev.max_blocks:
     n_blocks = min(n_blocks, ev.max_blocks)
   total = -(-n_blocks // ev.batch_size)
@@ -150,10 +149,21 @@ def evaluate_workdir(workdir, overrides=(),
       "ema": ev.use_ema, "config": config_lib.to_dict(cfg),
       "data": run.prepared.provenance(), "commit": _git_commit()})
   out = workdir / f"eval_{ev.split}.json"
-  out.write_text(json.dumps(result, indent=2, default=str))
+  if not math.isfinite(result["nats_per_token"]):
+    raise NonFiniteBound(
+        f"the {ev.split} bound of {workdir} (step {step}) is not finite "
+        f"({result['nats_per_token']}); {out} is left as it was. The "
+        "checkpoint's parameters are finite, so the model overflows: train "
+        "with a lower train.lr or evaluate an earlier workdir")
+  # Printed first: a failed write (read-only workdir) loses nothing.
   log(format_result(f"{cfg.name} [{cfg.process.name}] {ev.split}", result))
+  workdir_lib.atomic_write_json(out, result)
   log(f"[eval] written {out}")
   return result
+
+
+class NonFiniteBound(ValueError):
+  """The evaluated bound is NaN/inf; nothing is written."""
 
 
 def _git_commit() -> str:

@@ -6,7 +6,6 @@ reports a number that is not an upper bound on the NLL.
 
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Iterable
 
@@ -48,10 +47,10 @@ def latex_table(rows: Iterable[dict], dataset: str) -> str:
 
 
 def read_curve(workdir: str | pathlib.Path) -> list[dict]:
-  path = pathlib.Path(workdir) / "metrics.jsonl"
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line]
+  """metrics.jsonl rows (a torn last line, from a kill, is ignored). Its
+  `elapsed_s` is cumulative over resumed segments."""
+  from diffusion_text import workdir as workdir_lib
+  return workdir_lib.read_rows(pathlib.Path(workdir) / "metrics.jsonl")
 
 
 def plot_curves(curves: dict[str, list[dict]], path: str | pathlib.Path,
