@@ -44,7 +44,9 @@ class ModelConfig:
   num_heads: int = 4             # attention heads (d_model % num_heads == 0)
   mlp_ratio: int = 4             # MLP hidden = mlp_ratio * d_model
   cond_dim: int = 128            # width of the time embedding fed to adaLN
-  dtype: str = "float32"         # compute dtype: float32 or bfloat16
+  dtype: str = "auto"            # compute dtype: float32, bfloat16, or auto
+  # (auto: bfloat16 on GPU/TPU, float32 on CPU, chosen when the model is
+  # built; parameters stay float32 either way, see compute_dtype)
   remat: bool = False            # rematerialise each block in the backward pass
   scan_layers: bool = False      # stack blocks and jax.lax.scan over them
 
@@ -86,6 +88,11 @@ class TrainConfig:
   mesh_data: int = -1            # devices on the 'data' axis (-1: all)
   mesh_fsdp: int = 1             # devices on the 'fsdp' axis (params sharded)
   max_seconds: float = 0.0       # stop (and checkpoint) after this wall time; 0: no limit
+  grad_accum: int = 1            # micro-batches per step (data.batch_size is the global batch)
+  eval_every: int = 0            # steps between validation bounds during training (0: never)
+  eval_blocks: int = 64          # validation blocks per evaluation (0: the whole split)
+  tensorboard: bool = True       # write TensorBoard event files beside metrics.jsonl
+  peak_flops: float = 0.0        # peak FLOP/s per device for MFU (0: look up the chip)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +130,23 @@ class Config:
 
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def compute_dtype(dtype: str) -> str:
+  """The concrete compute dtype of `model.dtype` on this JAX backend.
+
+  "auto" is what a config stores, so a workdir keeps one identity whether it
+  trains on CPU or on an accelerator (checkpoints hold float32 parameters in
+  both cases); it becomes bfloat16 on GPU/TPU, whose matrix units run bf16
+  at several times their float32 rate, and float32 on CPU, which has no such
+  units and where the tests pin float32 numbers.
+  """
+  if dtype != "auto":
+    return dtype
+  import jax  # here only: config imports nothing heavy at module level
+  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 # --------------------------------------------------------------------- dicts
@@ -238,8 +262,16 @@ def validate(cfg: Config) -> None:
   if m.d_model % m.num_heads:
     raise ConfigError(f"model.d_model={m.d_model} is not divisible by "
                       f"model.num_heads={m.num_heads}")
-  if m.dtype not in ("float32", "bfloat16"):
-    raise ConfigError(f"model.dtype must be float32 or bfloat16, not {m.dtype!r}")
+  if m.dtype not in COMPUTE_DTYPES:
+    raise ConfigError(f"model.dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
+                      f"not {m.dtype!r}")
+  t = cfg.train
+  if t.grad_accum < 1 or cfg.data.batch_size % t.grad_accum:
+    raise ConfigError(f"train.grad_accum={t.grad_accum} must be >= 1 and divide "
+                      f"data.batch_size={cfg.data.batch_size}")
+  if t.eval_every < 0 or t.eval_blocks < 0 or t.peak_flops < 0:
+    raise ConfigError("train.eval_every, train.eval_blocks and "
+                      "train.peak_flops must be >= 0")
   if cfg.train.parallel not in ("sharded", "pmap"):
     raise ConfigError("train.parallel must be 'sharded' or 'pmap', not "
                       f"{cfg.train.parallel!r}")

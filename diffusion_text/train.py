@@ -11,10 +11,12 @@ processes save checkpoints together (Orbax).
 
 Hooks: `train(..., hooks=[h])` calls `h(step, state, row)` for every logged
 row, after the row is written and after any checkpoint of that step. `row`
-is the dict written to metrics.jsonl (interval-mean metrics, tokens/s);
+is the dict written to metrics.jsonl (interval-mean metrics, tokens/s, the
+step time split into data wait and compute, model FLOP/s and MFU);
 `state` is the live (device) TrainState, which may be one step past
 `step` since metrics are fetched a step late. The metrics writer and the
-progress line are themselves hooks (`MetricsWriter`, `ProgressPrinter`).
+progress line are themselves hooks (`MetricsWriter`, `ProgressPrinter`), as
+are TensorBoard files and the periodic validation bound (monitoring.py).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_text import config as config_lib, distributed, sharding
+from diffusion_text import config as config_lib, distributed, monitoring, sharding
 from diffusion_text import run as run_lib, step as step_lib
 from diffusion_text.checkpoint import Checkpointer
 from diffusion_text.data import pipeline
@@ -72,9 +74,11 @@ class ProgressPrinter:
     rate = row["tokens_per_s"]
     eta = (self.total - step) * self.tokens_per_step / max(rate, 1e-9)
     bound = row.get("nll_bound", float("nan"))
+    mfu = f" | MFU {row['mfu']:.1%}" if "mfu" in row else ""
     self.log(f"[train] step {step}/{self.total} | loss {row['loss']:.4f} | "
-             f"bound <= {bound:.4f} nats/tok | {rate:,.0f} tok/s | "
-             f"ETA {_fmt_time(eta)}")
+             f"bound <= {bound:.4f} nats/tok | {rate:,.0f} tok/s{mfu} | "
+             f"step {row['step_s'] * 1e3:.0f} ms (data "
+             f"{row['data_wait_s'] * 1e3:.0f} ms) | ETA {_fmt_time(eta)}")
 
 
 def _prepare_workdir(cfg, workdir: pathlib.Path, log) -> run_lib.Run:
@@ -108,9 +112,10 @@ def train(cfg: config_lib.Config, workdir: str | pathlib.Path,
   tx = step_lib.make_optimizer(tc)
   state = step_lib.init_state(run.params, tx)
   factory = lambda axis: step_lib.make_train_step(
-      run.graphdef, run.process, tx, tc.ema_decay, axis_name=axis)
-  par = sharding.PARALLEL[tc.parallel](sharding.mesh_from_config(tc), factory,
-                                       state)
+      run.graphdef, run.process, tx, tc.ema_decay, axis_name=axis,
+      grad_accum=tc.grad_accum)
+  mesh = sharding.mesh_from_config(tc)
+  par = sharding.PARALLEL[tc.parallel](mesh, factory, state)
 
   ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints)
   start = 0
@@ -137,35 +142,50 @@ def train(cfg: config_lib.Config, workdir: str | pathlib.Path,
                "data_seed": cfg.data.seed, "batch_size": cfg.data.batch_size})
 
   writer = MetricsWriter(workdir / "metrics.jsonl" if primary else os.devnull)
-  all_hooks = [writer, ProgressPrinter(tc.steps, tokens_per_step, log),
-               *hooks]
+  sinks = [writer] + ([monitoring.TensorBoard(workdir)]
+                      if primary and tc.tensorboard else [])
+  validation = ([monitoring.Validation(run, mesh, start, par.host_state,
+                                       sinks, log)] if tc.eval_every else [])
+  all_hooks = [*sinks, ProgressPrinter(tc.steps, tokens_per_step, log),
+               *validation, *hooks]
+  utilisation = monitoring.Utilisation(cfg, run.prepared.vocab_size)
   log(f"[train] {tc.steps - start} steps of {cfg.data.batch_size}x"
-      f"{cfg.data.seq_len} tokens on {jax.device_count()} device(s) "
+      f"{cfg.data.seq_len} tokens"
+      + (f" in {tc.grad_accum} micro-batches" if tc.grad_accum > 1 else "")
+      + f" on {jax.device_count()} device(s) "
       + (f"in {jax.process_count()} processes " if jax.process_count() > 1 else "")
-      + f"({tc.parallel}); first step compiles")
+      + f"({tc.parallel}, {utilisation.dtype} compute); first step compiles")
   t0 = time.time()
   last = [t0, start]  # time and step of the previous row
-  pending = None  # (step, summed metrics, count) fetched one step late
+  pending = None  # (step, summed metrics, count, data wait) fetched one step late
   acc, n_acc = None, 0  # device-side sum of metrics since the last log
+  wait = 0.0  # seconds spent waiting for batches since the last log
   step_no = start
   status = "done"
 
   def flush(pending, state_dev):
-    p_step, p_sum, p_count = pending
+    p_step, p_sum, p_count, p_wait = pending
     now = time.time()
     m = {k: float(np.mean(v)) / p_count
          for k, v in jax.device_get(p_sum).items()}
-    rate = (p_step - last[1]) * tokens_per_step / max(now - last[0], 1e-9)
+    step_s = max(now - last[0], 1e-9) / max(p_step - last[1], 1)
+    # Compute is the rest of the step: dispatch runs ahead of the device,
+    # so time not spent waiting for data is time the device set the pace.
     row = {"step": p_step, "elapsed_s": round(now - t0, 2),
            "tokens_seen": p_step * tokens_per_step,
-           "tokens_per_s": round(rate, 1), **m}
+           "tokens_per_s": round(tokens_per_step / step_s, 1),
+           "step_s": round(step_s, 5), "data_wait_s": round(p_wait / p_count, 5),
+           "compute_s": round(step_s - p_wait / p_count, 5),
+           **utilisation(1.0 / step_s), **m}
     last[:] = [now, p_step]
     for hook in all_hooks:
       hook(p_step, state_dev, row)
 
   try:
     while step_no < tc.steps:
+      w0 = time.time()
       batch = par.place_batch(next(batches))
+      wait += time.time() - w0
       key = jax.random.fold_in(base_key, step_no)
       state, metrics = par.step(state, batch, key)
       step_no += 1
@@ -178,8 +198,8 @@ def train(cfg: config_lib.Config, workdir: str | pathlib.Path,
         row_due, pending = pending, None
         flush(row_due, state)
       if step_no % tc.log_every == 0 or step_no == tc.steps or step_no == start + 1:
-        pending = (step_no, acc, n_acc)
-        acc, n_acc = None, 0
+        pending = (step_no, acc, n_acc, wait)
+        acc, n_acc, wait = None, 0, 0.0
       if tc.max_seconds and time.time() - t0 > tc.max_seconds:
         status = "time_limit"
         log(f"[train] train.max_seconds={tc.max_seconds} reached at step {step_no}")
@@ -190,7 +210,8 @@ def train(cfg: config_lib.Config, workdir: str | pathlib.Path,
   save(state, step_no)
   if pending is not None:
     flush(pending, state)
-  writer.close()
+  for sink in sinks:
+    sink.close()
   ckpt.close()
   wall = time.time() - t0
   summary = {"step": step_no, "status": status, "wall_s": round(wall, 1),
