@@ -177,9 +177,11 @@ def train(cfg: config_lib.Config, workdir: str | pathlib.Path,
            "step_s": round(step_s, 5), "data_wait_s": round(p_wait / p_count, 5),
            "compute_s": round(step_s - p_wait / p_count, 5),
            **utilisation(1.0 / step_s), **m}
-    last[:] = [now, p_step]
     for hook in all_hooks:
       hook(p_step, state_dev, row)
+    # The next interval starts after the hooks: a validation pass is not
+    # step time.
+    last[:] = [time.time(), p_step]
 
   try:
     while step_no < tc.steps:
