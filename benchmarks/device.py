@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import pathlib
 import platform
 import resource
 import sys
@@ -195,8 +196,7 @@ def main(argv=None) -> int:
       "meets_target": (None if masked is None or masked["train"]["mfu"] is None
                        else masked["train"]["mfu"] >= TARGET_MFU_MASKED),
       "results": rows}
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
+  pathlib.Path(args.out).write_text(json.dumps(result, indent=2))
   log(f"[device] wrote {args.out} in {result['wall_s']:.0f}s")
   return 0
 
