@@ -192,7 +192,12 @@ class Validation:
     self.blocks = cfg.train.eval_blocks
     self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     self.next_due = (start_step // self.every + 1) * self.every
-    run.prepared.num_blocks("valid")  # fails now, naming the splits, if none
+    try:
+      run.prepared.num_blocks("valid")
+    except ValueError as e:  # sources.DataError names the splits there are
+      raise config_lib.ConfigError(
+          f"train.eval_every needs a 'valid' split: {e}; set "
+          "train.eval_every=0 or use a source with one") from None
 
   def __call__(self, step: int, state, row: dict) -> None:
     del row

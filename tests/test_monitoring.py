@@ -210,3 +210,18 @@ def test_training_logs_timing_validation_and_tensorboard(tmp_path):
     for k in ("loss", "val_nll_bound", "tokens_per_s"):
       if k in r:
         np.testing.assert_allclose(e["scalars"][k], r[k], rtol=1e-6)
+
+
+def test_validation_without_a_valid_split_names_the_fix():
+  from types import SimpleNamespace
+  from diffusion_text.data import sources
+
+  def no_valid(split):
+    raise sources.DataError(f"source 'x' has no split {split!r}; it has: train")
+
+  cfg = config_lib.apply_overrides(config_lib.Config(),
+                                   ["train.eval_every=10"])
+  run = SimpleNamespace(cfg=cfg,
+                        prepared=SimpleNamespace(num_blocks=no_valid))
+  with pytest.raises(config_lib.ConfigError, match="train.eval_every=0"):
+    monitoring.Validation(run, None, 0, lambda s: s, [], print)
