@@ -49,7 +49,9 @@ class ModelConfig:
   num_heads: int = spec(4, lo=1)  # attention heads (d_model % num_heads == 0)
   mlp_ratio: int = spec(4, lo=1)  # MLP hidden = mlp_ratio * d_model
   cond_dim: int = spec(128, lo=1)  # width of the time embedding fed to adaLN
-  dtype: str = spec("float32", choices=("float32", "bfloat16"))  # compute dtype: float32 or bfloat16
+  dtype: str = spec("auto", choices=("auto", "float32", "bfloat16"))  # compute dtype
+  # (auto: bfloat16 on GPU/TPU, float32 on CPU, chosen when the model is
+  # built; parameters stay float32 either way, see compute_dtype)
   remat: bool = False            # rematerialise each block in the backward pass
   scan_layers: bool = False      # stack blocks and jax.lax.scan over them
 
@@ -92,6 +94,11 @@ class TrainConfig:
   mesh_fsdp: int = spec(1, lo=1)  # devices on the 'fsdp' axis (params sharded)
   max_seconds: float = spec(0.0, lo=0)  # stop (and checkpoint) after this wall time; 0: no limit
   max_consecutive_skips: int = spec(10, lo=0)  # stop after more non-finite steps in a row
+  grad_accum: int = spec(1, lo=1)  # micro-batches per step (data.batch_size is the global batch)
+  eval_every: int = spec(0, lo=0)  # steps between validation bounds during training (0: never)
+  eval_blocks: int = spec(64, lo=0)  # validation blocks per evaluation (0: the whole split)
+  tensorboard: bool = True       # write TensorBoard event files beside metrics.jsonl
+  peak_flops: float = spec(0.0, lo=0)  # peak FLOP/s per device for MFU (0: look up the chip)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +136,23 @@ class Config:
 
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def compute_dtype(dtype: str) -> str:
+  """The concrete compute dtype of `model.dtype` on this JAX backend.
+
+  "auto" is what a config stores, so a workdir keeps one identity whether it
+  trains on CPU or on an accelerator (checkpoints hold float32 parameters in
+  both cases); it becomes bfloat16 on GPU/TPU, whose matrix units run bf16
+  at several times their float32 rate, and float32 on CPU, which has no such
+  units and where the tests pin float32 numbers.
+  """
+  if dtype != "auto":
+    return dtype
+  import jax  # here only: config imports nothing heavy at module level
+  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 # --------------------------------------------------------------------- dicts
@@ -252,6 +276,10 @@ def validate(cfg: Config) -> None:
   if m.d_model % m.num_heads:
     raise ConfigError(f"model.d_model={m.d_model} is not divisible by "
                       f"model.num_heads={m.num_heads}")
+  t = cfg.train
+  if cfg.data.batch_size % t.grad_accum:
+    raise ConfigError(f"train.grad_accum={t.grad_accum} must divide "
+                      f"data.batch_size={cfg.data.batch_size}")
 
 
 def resolve_paths(cfg: Config) -> Config:

@@ -67,21 +67,64 @@ def _ema_update(ema, params, step, decay: float):
   return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
 
 
-def train_step(state: TrainState, batch: dict, key: jax.Array, *, graphdef,
-               process: Process, tx: optax.GradientTransformation,
-               ema_decay: float, axis_name: Optional[str] = None):
-  """One optimizer step on `batch` = {'tokens': [B, L], 'mask': [B, L]}."""
-  if axis_name is not None:
-    # pmap: each device draws its own noise for its shard of the batch.
-    key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-
+def _loss_and_grads(params, batch: dict, key: jax.Array, *, graphdef,
+                    process: Process):
   def loss_fn(params):
     denoiser = as_denoiser(nnx.merge(graphdef, params))
     out = process.loss(key, denoiser, batch["tokens"], batch["mask"])
     return out.loss, out.metrics
 
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+  return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+
+def _accumulated_grads(params, batch: dict, key: jax.Array, *, graphdef,
+                       process: Process, grad_accum: int):
+  """((loss, metrics), grads) of `batch`, in `grad_accum` micro-batches.
+
+  Gradient accumulation: a lax.scan over micro-batches sums their losses,
+  metrics and gradients, so activations of only B / grad_accum rows are
+  alive at once; the means equal the whole batch's whenever the loss is a
+  mean over equally weighted rows (full blocks). Micro-batch i takes rows
+  i, i + A, i + 2A, ... (A = grad_accum): each device's contiguous shard of
+  the batch then holds its share of every micro-batch, so splitting moves
+  no data between devices. Micro-batch i draws its noise from
+  fold_in(key, i); grad_accum=1 uses `key` itself.
+  """
+  grads_of = functools.partial(_loss_and_grads, graphdef=graphdef,
+                               process=process)
+  if grad_accum == 1:
+    return grads_of(params, batch, key)
+  micro = jax.tree.map(
+      lambda x_BxL: x_BxL.reshape(
+          (-1, grad_accum) + x_BxL.shape[1:]).swapaxes(0, 1), batch)
+
+  def add_micro(total, i_and_micro):
+    i, micro_batch = i_and_micro
+    out = grads_of(params, micro_batch, jax.random.fold_in(key, i))
+    return jax.tree.map(jnp.add, total, out), None
+
+  zeros = jax.tree.map(
+      jnp.zeros_like,
+      jax.eval_shape(grads_of, params, jax.tree.map(lambda x: x[0], micro),
+                     key))
+  total, _ = jax.lax.scan(add_micro, zeros,
+                          (jnp.arange(grad_accum), micro))
+  return jax.tree.map(lambda x: x / grad_accum, total)
+
+
+def train_step(state: TrainState, batch: dict, key: jax.Array, *, graphdef,
+               process: Process, tx: optax.GradientTransformation,
+               ema_decay: float, axis_name: Optional[str] = None,
+               grad_accum: int = 1):
+  """One optimizer step on `batch` = {'tokens': [B, L], 'mask': [B, L]},
+  its gradient averaged over `grad_accum` micro-batches of B / grad_accum."""
+  if axis_name is not None:
+    # pmap: each device draws its own noise for its shard of the batch.
+    key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+
+  (loss, metrics), grads = _accumulated_grads(
+      state.params, batch, key, graphdef=graphdef, process=process,
+      grad_accum=grad_accum)
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
     loss, metrics = jax.lax.pmean((loss, metrics), axis_name)
@@ -126,6 +169,7 @@ def bound_step(params, batch: dict, key: jax.Array, *, graphdef,
 
 
 def make_train_step(graphdef, process: Process, tx, ema_decay: float,
-                    axis_name: Optional[str] = None):
+                    axis_name: Optional[str] = None, grad_accum: int = 1):
   return functools.partial(train_step, graphdef=graphdef, process=process,
-                           tx=tx, ema_decay=ema_decay, axis_name=axis_name)
+                           tx=tx, ema_decay=ema_decay, axis_name=axis_name,
+                           grad_accum=grad_accum)

@@ -11,10 +11,12 @@ processes save checkpoints together (Orbax).
 
 Hooks: `train(..., hooks=[h])` calls `h(step, state, row)` for every logged
 row, after the row is written and after any checkpoint of that step. `row`
-is the dict written to metrics.jsonl (interval-mean metrics, tokens/s);
+is the dict written to metrics.jsonl (interval-mean metrics, tokens/s, the
+step time split into data wait and compute, model FLOP/s and MFU);
 `state` is the live (device) TrainState, which may be one step past
 `step` since metrics are fetched a step late. The metrics writer and the
-progress line are themselves hooks (`MetricsWriter`, `ProgressPrinter`).
+progress line are themselves hooks (`MetricsWriter`, `ProgressPrinter`), as
+are TensorBoard files and the periodic validation bound (monitoring.py).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from diffusion_text import config as config_lib, distributed, sharding
+from diffusion_text import config as config_lib, distributed, monitoring, sharding
 from diffusion_text import run as run_lib, step as step_lib
 from diffusion_text import workdir as workdir_lib
 from diffusion_text.checkpoint import Checkpointer
@@ -118,9 +120,11 @@ class ProgressPrinter:
     bound = row.get("nll_bound", float("nan"))
     skipped = (f" | {row['skipped']:.0f} non-finite step(s) skipped"
                if row.get("skipped") else "")
+    mfu = f" | MFU {row['mfu']:.1%}" if "mfu" in row else ""
     self.log(f"[train] step {step}/{self.total} | loss {row['loss']:.4f} | "
-             f"bound <= {bound:.4f} nats/tok | {rate:,.0f} tok/s | "
-             f"ETA {_fmt_time(eta)}{skipped}")
+             f"bound <= {bound:.4f} nats/tok | {rate:,.0f} tok/s{mfu} | "
+             f"step {row['step_s'] * 1e3:.0f} ms (data "
+             f"{row['data_wait_s'] * 1e3:.0f} ms) | ETA {_fmt_time(eta)}{skipped}")
 
 
 def _prepare_workdir(cfg, workdir: pathlib.Path, log) -> run_lib.Run:
@@ -181,7 +185,8 @@ def _train(cfg, workdir, log, hooks, primary) -> dict:
   tx = step_lib.make_optimizer(tc)
   state = step_lib.init_state(run.params, tx)
   factory = lambda axis: step_lib.make_train_step(
-      run.graphdef, run.process, tx, tc.ema_decay, axis_name=axis)
+      run.graphdef, run.process, tx, tc.ema_decay, axis_name=axis,
+      grad_accum=tc.grad_accum)
   mesh = sharding.mesh_from_config(tc)
   devices = sharding.batch_devices(mesh)
   if cfg.data.batch_size % devices:
@@ -235,38 +240,55 @@ def _train(cfg, workdir, log, hooks, primary) -> dict:
     saved[0] = step_no
 
   writer = MetricsWriter(workdir / "metrics.jsonl", start, enabled=primary)
-  all_hooks = [writer, ProgressPrinter(tc.steps, tokens_per_step, log),
-               *hooks]
+  sinks = [writer] + ([monitoring.TensorBoard(workdir)]
+                      if primary and tc.tensorboard else [])
+  validation = ([monitoring.Validation(run, mesh, start, par.host_state,
+                                       sinks, log)] if tc.eval_every else [])
+  all_hooks = [*sinks, ProgressPrinter(tc.steps, tokens_per_step, log),
+               *validation, *hooks]
+  utilisation = monitoring.Utilisation(cfg, run.prepared.vocab_size)
   log(f"[train] {tc.steps - start} steps of {cfg.data.batch_size}x"
-      f"{cfg.data.seq_len} tokens on {jax.device_count()} device(s) "
+      f"{cfg.data.seq_len} tokens"
+      + (f" in {tc.grad_accum} micro-batches" if tc.grad_accum > 1 else "")
+      + f" on {jax.device_count()} device(s) "
       + (f"in {jax.process_count()} processes " if jax.process_count() > 1 else "")
-      + f"({tc.parallel}); first step compiles")
+      + f"({tc.parallel}, {utilisation.dtype} compute); first step compiles")
   t0 = time.time()
   last = [t0, start]  # time and step of the previous row
-  pending = None  # (step, summed metrics, count) fetched one step late
+  pending = None  # (step, summed metrics, count, data wait) fetched one step late
   acc, n_acc = None, 0  # device-side sum of metrics since the last log
+  wait = 0.0  # seconds spent waiting for batches since the last log
   step_no = start
   status = "done"
 
   def flush(pending, state_dev):
-    p_step, p_sum, p_count = pending
+    p_step, p_sum, p_count, p_wait = pending
     now = time.time()
     sums = {k: float(np.mean(v)) for k, v in jax.device_get(p_sum).items()}
     diverged(int(sums.pop("streak")), p_step)
     m = {k: v if k == "skipped" else v / p_count for k, v in sums.items()}
-    rate = (p_step - last[1]) * tokens_per_step / max(now - last[0], 1e-9)
+    step_s = max(now - last[0], 1e-9) / max(p_step - last[1], 1)
+    # Compute is the rest of the step: dispatch runs ahead of the device,
+    # so time not spent waiting for data is time the device set the pace.
     row = {"step": p_step,
            "elapsed_s": round(writer.time_offset + now - t0, 2),
            "tokens_seen": p_step * tokens_per_step,
-           "tokens_per_s": round(rate, 1), **m}
-    last[:] = [now, p_step]
+           "tokens_per_s": round(tokens_per_step / step_s, 1),
+           "step_s": round(step_s, 5), "data_wait_s": round(p_wait / p_count, 5),
+           "compute_s": round(step_s - p_wait / p_count, 5),
+           **utilisation(1.0 / step_s), **m}
     for hook in all_hooks:
       hook(p_step, state_dev, row)
+    # The next interval starts after the hooks: a validation pass is not
+    # step time.
+    last[:] = [time.time(), p_step]
 
   try:
     with _Preemption() as preemption:
       while step_no < tc.steps:
+        w0 = time.time()
         batch = par.place_batch(next(batches))
+        wait += time.time() - w0
         key = jax.random.fold_in(base_key, step_no)
         state, metrics = par.step(state, batch, key)
         step_no += 1
@@ -279,8 +301,8 @@ def _train(cfg, workdir, log, hooks, primary) -> dict:
           row_due, pending = pending, None
           flush(row_due, state)
         if step_no % tc.log_every == 0 or step_no == tc.steps or step_no == start + 1:
-          pending = (step_no, acc, n_acc)
-          acc, n_acc = None, 0
+          pending = (step_no, acc, n_acc, wait)
+          acc, n_acc, wait = None, 0, 0.0
         if preemption.reached(step_no):
           status = "preempted"
           log(f"[train] SIGTERM at step {step_no}; saving a checkpoint")
@@ -293,7 +315,8 @@ def _train(cfg, workdir, log, hooks, primary) -> dict:
     status = "interrupted"
     log(f"\n[train] interrupted at step {step_no}; saving a checkpoint")
   except TrainingDiverged:
-    writer.close()
+    for sink in sinks:
+      sink.close()
     ckpt.close()
     raise
   try:
@@ -301,7 +324,8 @@ def _train(cfg, workdir, log, hooks, primary) -> dict:
     if pending is not None:
       flush(pending, state)
   finally:
-    writer.close()
+    for sink in sinks:
+      sink.close()
     ckpt.close()
   wall = time.time() - t0
   summary = {"step": step_no, "status": status, "wall_s": round(wall, 1),

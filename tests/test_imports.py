@@ -1,7 +1,8 @@
 """Imports flow one way (DESIGN.md section 6, STYLE.md item 11).
 
   config, workdir -> data -> contract -> models / processes -> step, sharding,
-  checkpoint, distributed, sampling -> run -> train / eval -> demo / cli
+  checkpoint, distributed, sampling, flops -> run -> eval -> monitoring
+  -> train -> demo / cli
 
 Every module under diffusion_text/ is parsed (not imported), and each of its
 imports of the package, at any depth in the file, must point to a lower
@@ -23,10 +24,12 @@ LAYER = {
     "contract": 2,
     "models": 3, "processes": 3,
     "step": 4, "sharding": 4, "checkpoint": 4, "distributed": 4,
-    "sampling": 4,
+    "sampling": 4, "flops": 4,
     "run": 5,
-    "train": 6, "eval": 6,
-    "demo": 7, "cli": 7,
+    "eval": 6,
+    "monitoring": 7,  # the loop's hooks; validation uses eval's evaluator
+    "train": 8,
+    "demo": 9, "cli": 9,
 }
 
 # Edges that exist on this branch and are being removed by the owners of

@@ -19,13 +19,14 @@ plain parameter pytree for `jax.jit`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_text.config import ModelConfig
+from diffusion_text.config import ModelConfig, compute_dtype
 from diffusion_text.models.conditioning import MonotoneGamma, TimeEmbedding
 from diffusion_text.models.cross_entropy import selected_cross_entropy
 from diffusion_text.models.layers import (MLP, Attention, dense_init,
@@ -63,6 +64,9 @@ class Transformer(nnx.Module):
   """Denoiser backbone; see the module docstring. Build with `build_model`."""
 
   def __init__(self, spec: ModelSpec, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    # model.dtype "auto" becomes this backend's compute dtype here, the one
+    # place every build path passes through.
+    cfg = dataclasses.replace(cfg, dtype=compute_dtype(cfg.dtype))
     _check(spec, cfg)
     self.spec, self.cfg = spec, cfg
     self.dtype = _DTYPES[cfg.dtype]
