@@ -97,6 +97,9 @@ class EvalConfig:
   batch_size: int = 32           # blocks per evaluation batch
   use_ema: bool = True           # evaluate the EMA parameters
   seed: int = 0                  # PRNG seed of the Monte-Carlo estimate
+  time_sampling: str = "independent"  # independent | stratified: a block's K times in K strata (one call)
+  target_sem: float = 0.0        # adaptive K: raise K per block until its MC error (nats/token) is below this; 0: off
+  max_mc_samples: int = 256      # adaptive K never exceeds this per block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,6 +253,11 @@ def validate(cfg: Config) -> None:
                       f"{cfg.eval.split!r}")
   if cfg.eval.mc_samples < 1 or cfg.eval.batch_size < 1:
     raise ConfigError("eval.mc_samples and eval.batch_size must be >= 1")
+  if cfg.eval.time_sampling not in ("independent", "stratified"):
+    raise ConfigError("eval.time_sampling must be independent or stratified, "
+                      f"not {cfg.eval.time_sampling!r}")
+  if cfg.eval.target_sem < 0:
+    raise ConfigError("eval.target_sem must be >= 0 (0 turns adaptive K off)")
   s = cfg.sample
   if s.num < 1 or s.steps < 0 or s.length < 0:
     raise ConfigError("sample.num must be >= 1, sample.steps and "
