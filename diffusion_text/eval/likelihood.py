@@ -288,7 +288,7 @@ def evaluate_workdir(workdir, overrides=(),
   result.update({
       "split": ev.split, "process": cfg.process.name, "step": step,
       "ema": ev.use_ema, "config": config_lib.to_dict(cfg),
-      "data": run.prepared.provenance(), "commit": _git_commit()})
+      "data": run.prepared.provenance(), "commit": git_commit()})
   out = workdir / f"eval_{ev.split}.json"
   out.write_text(json.dumps(result, indent=2, default=str))
   log(format_result(f"{cfg.name} [{cfg.process.name}] {ev.split}", result))
@@ -296,7 +296,7 @@ def evaluate_workdir(workdir, overrides=(),
   return result
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
   try:
     return subprocess.run(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True,

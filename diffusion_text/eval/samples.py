@@ -39,9 +39,15 @@ def _legacy_process(process, sc: SampleConfig):
   return dataclasses.replace(process, **given) if given else process
 
 
-def make_sampler(process, graphdef, sc: SampleConfig, length: int):
-  """The jitted sampler `fn(key, params, *cond) -> ids [num, length]`."""
-  build = lambda p: as_denoiser(nnx.merge(graphdef, p))
+def make_sampler(process, graphdef, sc: SampleConfig, length: int,
+                 wrap_denoiser: Optional[Callable] = None):
+  """The jitted sampler `fn(key, params, *cond) -> ids [num, length]`.
+
+  `wrap_denoiser(Denoiser) -> Denoiser` (e.g. a network-call counter) is
+  applied inside the jitted function.
+  """
+  wrap = wrap_denoiser or (lambda d: d)
+  build = lambda p: wrap(as_denoiser(nnx.merge(graphdef, p)))
   steps = sc.steps or None
   if not hasattr(processes, "SamplingOptions"):
     return sampling.make_sampler(_legacy_process(process, sc), sc.num, length,
