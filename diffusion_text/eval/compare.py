@@ -208,7 +208,10 @@ def write_results(rows: list[Row], out: pathlib.Path, reference: str,
                 "tokens_seen": t["tokens_seen"], "wall_s": t["wall_s"],
                 "train_steps": r.train["step"], "diff_vs_reference": r.diff,
                 "quality": r.quality}
-               for r, t in zip(rows, table_rows)]}
+               for r, t in zip(rows, table_rows)],
+      # A few samples per model, from its largest step count.
+      "samples": {t["name"]: t["quality"]["samples"]
+                  for t in table_rows if t["quality"]}}
   (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
   results["table"] = table
   return results
