@@ -181,6 +181,7 @@ def cmd_sample(args) -> int:
 
 def cmd_compare(args) -> int:
   from diffusion_text.config import ConfigError
+  from diffusion_text import train
   from diffusion_text.eval import compare
   if not args.processes:
     if not args.workdirs:
@@ -198,7 +199,7 @@ def cmd_compare(args) -> int:
                                            if missing else ""))
   overrides = _overrides(args) + [f"eval.split={args.split}"]
   results = compare.run_compare(
-      [p.strip() for p in args.processes.split(",") if p.strip()],
+      train.train, [p.strip() for p in args.processes.split(",") if p.strip()],
       compare.parse_budget(args.budget), args.config, args.out,
       reference=args.reference, steps_list=_steps_list(args.steps),
       num=args.num, overrides=overrides)

@@ -15,6 +15,7 @@ import argparse
 import sys
 import time
 
+from diffusion_text import train
 from diffusion_text.eval import compare
 
 DEMO = ("ar", "d3pm_absorbing", "d3pm_uniform", "gaussian")
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
   say(f"training {', '.join(names)} on PTB with one backbone and "
       f"{tokens:,} tokens each")
   results = compare.run_compare(
-      names, ("tokens", tokens), "ptb", args.out, reference="ar",
+      train.train, names, ("tokens", tokens), "ptb", args.out, reference="ar",
       steps_list=SAMPLE_STEPS, num=SAMPLE_NUM, overrides=args.overrides,
       log=say, fresh_on_mismatch=True)
 

@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from diffusion_text import cli, config as config_lib
+from diffusion_text import cli, config as config_lib, train
 from diffusion_text.eval import compare
 
 
@@ -70,9 +70,9 @@ def test_cli_refuses_half_a_comparison(capsys):
 @pytest.mark.slow
 def test_compare_trains_evaluates_and_writes(tmp_path):
   out = tmp_path / "cmp"
-  res = compare.run_compare(["masked", "ar"], ("tokens", 256 * 12),
-                            "synthetic", out, reference="ar",
-                            steps_list=[2, 4], num=2,
+  res = compare.run_compare(train.train, ["masked", "ar"],
+                            ("tokens", 256 * 12), "synthetic", out,
+                            reference="ar", steps_list=[2, 4], num=2,
                             overrides=["eval.max_blocks=32"],
                             log=lambda m: None)
   rows = {r["name"]: r for r in res["rows"]}

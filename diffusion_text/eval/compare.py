@@ -18,7 +18,7 @@ import pathlib
 import shutil
 from typing import Callable, Optional, Sequence
 
-from diffusion_text import config as config_lib, run as run_lib, train
+from diffusion_text import config as config_lib, run as run_lib
 from diffusion_text.checkpoint import CheckpointMismatch
 from diffusion_text.data import pipeline
 from diffusion_text.eval import likelihood, report, sample_quality
@@ -104,25 +104,32 @@ class Row:
   quality: Optional[list[dict]] = None
 
 
-def train_row(cfg: config_lib.Config, workdir: pathlib.Path,
-              log: Callable[[str], None], fresh_on_mismatch: bool) -> dict:
+TrainFn = Callable[..., dict]  # train.train(cfg, workdir, log=...) -> summary
+
+
+def train_row(train_fn: TrainFn, cfg: config_lib.Config,
+              workdir: pathlib.Path, log: Callable[[str], None],
+              fresh_on_mismatch: bool) -> dict:
   try:
-    return train.train(cfg, workdir, log=log)
+    return train_fn(cfg, workdir, log=log)
   except (config_lib.ConfigError, CheckpointMismatch):
     if not fresh_on_mismatch:
       raise
     log(f"{workdir} holds an older run; starting it afresh")
     shutil.rmtree(workdir)
-    return train.train(cfg, workdir, log=log)
+    return train_fn(cfg, workdir, log=log)
 
 
-def run_compare(processes: Sequence[str], budget: tuple[str, float], base: str,
+def run_compare(train_fn: TrainFn, processes: Sequence[str],
+                budget: tuple[str, float], base: str,
                 out, reference: Optional[str] = None,
                 steps_list: Sequence[int] = (16, 64, 256), num: int = 8,
                 overrides: Sequence[str] = (),
                 log: Callable[[str], None] = print,
                 fresh_on_mismatch: bool = False) -> dict:
-  """Train, evaluate and sample every process; write the tables and plots."""
+  """Train (with `train_fn`, i.e. `train.train`: the evaluator never
+  imports the loop), evaluate and sample every process; write the tables
+  and plots."""
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   reference = reference or processes[0]
@@ -137,7 +144,7 @@ def run_compare(processes: Sequence[str], budget: tuple[str, float], base: str,
     log(f"== {process}: budget {budget[0]}={budget[1]:g} -> "
         f"{cfg.train.steps} steps of {cfg.data.batch_size}x{cfg.data.seq_len}"
         + (f", at most {cfg.train.max_seconds:g} s" if cfg.train.max_seconds else ""))
-    summary = train_row(cfg, workdir, log, fresh_on_mismatch)
+    summary = train_row(train_fn, cfg, workdir, log, fresh_on_mismatch)
     result = likelihood.evaluate_workdir(workdir, overrides, log=log)
     rows.append(Row(process, workdir, cfg, summary, result))
   ref = next(r for r in rows if r.process == reference)
