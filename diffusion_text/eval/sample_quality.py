@@ -99,7 +99,11 @@ class Judge:
     if retokenize is None:
       retokenize = tokenizer.fingerprint() != self.tokenizer.fingerprint()
     if not retokenize:
-      return [[int(i) for i in row] for row in ids]
+      out = [[int(i) for i in row] for row in ids]
+      if any(not 0 <= i < self.run.prepared.vocab_size for r in out for i in r):
+        raise ValueError("samples hold ids outside the judge's vocabulary "
+                         "(e.g. an unfilled [MASK]): sample with more steps")
+      return out
     return [retokenize_text(tokenizer.decode(row), tokenizer, self.tokenizer)
             for row in ids]
 
