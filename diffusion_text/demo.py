@@ -48,7 +48,7 @@ def main(argv=None) -> int:
   results = compare.run_compare(
       train.train, names, ("tokens", tokens), "ptb", args.out, reference="ar",
       steps_list=SAMPLE_STEPS, num=SAMPLE_NUM, overrides=args.overrides,
-      log=say, fresh_on_mismatch=True)
+      log=say, fresh_on_mismatch=True, dataset="PTB test")
 
   print("\n" + results["table"])
   for name, ts in results["samples"].items():

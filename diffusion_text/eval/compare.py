@@ -126,7 +126,8 @@ def run_compare(train_fn: TrainFn, processes: Sequence[str],
                 steps_list: Sequence[int] = (16, 64, 256), num: int = 8,
                 overrides: Sequence[str] = (),
                 log: Callable[[str], None] = print,
-                fresh_on_mismatch: bool = False) -> dict:
+                fresh_on_mismatch: bool = False,
+                dataset: Optional[str] = None) -> dict:
   """Train (with `train_fn`, i.e. `train.train`: the evaluator never
   imports the loop), evaluate and sample every process; write the tables
   and plots."""
@@ -166,7 +167,7 @@ def run_compare(train_fn: TrainFn, processes: Sequence[str],
                                                   num, log)
   elif steps_list:
     log("[compare] no `ar` row: generative quality needs it as the judge")
-  return write_results(rows, out, reference, budget, base, judge)
+  return write_results(rows, out, reference, budget, base, judge, dataset)
 
 
 def _table_rows(rows: list[Row]) -> list[dict]:
@@ -187,8 +188,8 @@ def _wall(r: Row) -> float:
 
 
 def write_results(rows: list[Row], out: pathlib.Path, reference: str,
-                  budget, base: str, judge) -> dict:
-  dataset = f"{rows[0].cfg.data.source} {rows[0].cfg.eval.split}"
+                  budget, base: str, judge, dataset: Optional[str]) -> dict:
+  dataset = dataset or f"{rows[0].cfg.data.source} {rows[0].cfg.eval.split}"
   table_rows = _table_rows(rows)
   table = report.markdown_table(table_rows, dataset)
   (out / "results.md").write_text(table)
