@@ -288,7 +288,7 @@ def evaluate_workdir(workdir, overrides=(),
   result.update({
       "split": ev.split, "process": cfg.process.name, "step": step,
       "ema": ev.use_ema, "config": config_lib.to_dict(cfg),
-      "data": run.prepared.provenance(), "commit": git_commit()})
+      "data": run.prepared.provenance(), "commit": _git_commit()})
   out = workdir / f"eval_{ev.split}.json"
   out.write_text(json.dumps(result, indent=2, default=str))
   log(format_result(f"{cfg.name} [{cfg.process.name}] {ev.split}", result))
@@ -303,3 +303,6 @@ def git_commit() -> str:
         cwd=pathlib.Path(__file__).resolve().parent, timeout=5).stdout.strip()
   except (OSError, subprocess.SubprocessError):
     return "unknown"
+
+
+_git_commit = git_commit  # the name evaluate_workdir has always used
