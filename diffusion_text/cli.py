@@ -1,4 +1,4 @@
-"""Command line: diffusion-text {train, eval, sample, compare, data}."""
+"""Command line: diffusion-text {train, eval, sample, sample-eval, compare, data}."""
 
 from __future__ import annotations
 
@@ -19,6 +19,45 @@ def _common_data_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--set", dest="overrides", action="append", default=[],
                  metavar="KEY=VALUE", help="dotted config override, e.g. "
                  "train.steps=200 or process.schedule=cosine (repeatable)")
+
+
+def _compare_parser(sub) -> None:
+  c = sub.add_parser(
+      "compare", help="train processes on one budget and compare them "
+      "(--processes), or one table over existing workdirs (DIR...)")
+  c.add_argument("workdirs", nargs="*", help="existing workdirs to tabulate")
+  c.add_argument("--processes", help="comma-separated, e.g. masked,sedd_absorb,ar")
+  c.add_argument("--budget", help="tokens=N, flops=N or seconds=N per process")
+  c.add_argument("--config", help="base preset: NAME_<process> presets when "
+                 "they exist (e.g. ptb), else NAME with the process replaced")
+  c.add_argument("--reference", help="row the paired differences are taken "
+                 "against (default: the first process)")
+  c.add_argument("--steps", default="16,64,256",
+                 help="sampling step counts of the generative quality ('' skips)")
+  c.add_argument("--num", type=int, default=8, help="samples per step count")
+  c.add_argument("--split", default="test")
+  c.add_argument("--out", help="output folder (--processes) or Markdown file")
+  _common_data_flags(c)
+
+
+def _sample_eval_parser(sub) -> None:
+  q = sub.add_parser("sample-eval", help="generative perplexity under an AR "
+                     "judge, entropy, repetition and cost per step count")
+  q.add_argument("--workdir", required=True)
+  q.add_argument("--judge", required=True, help="an `ar` workdir")
+  q.add_argument("--steps", default="16,64,256", help="comma-separated")
+  q.add_argument("--num", type=int, help="samples per step count "
+                 "(default: sample.num)")
+  q.add_argument("--out", help="output folder (default: the workdir)")
+  _common_data_flags(q)
+
+
+def _steps_list(text: str) -> list[int]:
+  try:
+    return [int(s) for s in text.split(",") if s.strip()]
+  except ValueError:
+    raise ValueError(f"--steps {text!r}: write comma-separated integers, "
+                     "e.g. --steps 16,64,256") from None
 
 
 def _overrides(args) -> list[str]:
@@ -78,10 +117,8 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--no-ema", action="store_true")
   _common_data_flags(s)
 
-  c = sub.add_parser("compare", help="one table over several workdirs")
-  c.add_argument("workdirs", nargs="+")
-  c.add_argument("--split", default="test")
-  c.add_argument("--out", help="write the Markdown table here")
+  _compare_parser(sub)
+  _sample_eval_parser(sub)
 
   d = sub.add_parser("data", help="prepare a config's data and print stats")
   d.add_argument("--config", required=True)
@@ -148,22 +185,39 @@ def cmd_sample(args) -> int:
 
 
 def cmd_compare(args) -> int:
-  from diffusion_text.eval import likelihood, report
-  rows = []
-  for wd in args.workdirs:
-    path = pathlib.Path(wd) / f"eval_{args.split}.json"
-    res = (json.loads(path.read_text()) if path.exists()
-           else likelihood.evaluate_workdir(wd, [f"eval.split={args.split}"]))
-    curve = report.read_curve(wd)
-    rows.append({"name": f"{pathlib.Path(wd).name} ({res['process']})",
-                 "result": res,
-                 "tokens_seen": curve[-1]["tokens_seen"] if curve else 0,
-                 "wall_s": curve[-1]["elapsed_s"] if curve else 0})
-  table = report.markdown_table(rows, args.split)
-  print(table)
-  if args.out:
-    from diffusion_text import workdir as workdir_lib
-    workdir_lib.atomic_write_text(args.out, table)
+  from diffusion_text.config import ConfigError
+  from diffusion_text import train
+  from diffusion_text.eval import compare
+  if not args.processes:
+    if not args.workdirs:
+      raise ConfigError("compare needs workdirs (compare DIR...) or "
+                        "--processes with --budget, --config and --out")
+    table = compare.table_over_workdirs(args.workdirs, args.split)
+    print(table)
+    if args.out:
+      from diffusion_text import workdir as workdir_lib
+      workdir_lib.atomic_write_text(args.out, table)
+    return 0
+  missing = [f for f in ("budget", "config", "out") if not getattr(args, f)]
+  if missing or args.workdirs:
+    raise ConfigError("compare --processes needs --budget, --config and --out "
+                      "and no workdirs" + (f" (missing: {', '.join(missing)})"
+                                           if missing else ""))
+  overrides = _overrides(args) + [f"eval.split={args.split}"]
+  results = compare.run_compare(
+      train.train, [p.strip() for p in args.processes.split(",") if p.strip()],
+      compare.parse_budget(args.budget), args.config, args.out,
+      reference=args.reference, steps_list=_steps_list(args.steps),
+      num=args.num, overrides=overrides)
+  print(results["table"])
+  return 0
+
+
+def cmd_sample_eval(args) -> int:
+  from diffusion_text.eval import sample_quality
+  sample_quality.sample_eval_workdir(
+      args.workdir, args.judge, _steps_list(args.steps), args.num or 0,
+      _overrides(args), out=args.out)
   return 0
 
 
@@ -190,7 +244,8 @@ def _has_split(prepared, split) -> bool:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample,
-            "compare": cmd_compare, "data": cmd_data}
+            "compare": cmd_compare, "sample-eval": cmd_sample_eval,
+            "data": cmd_data}
 
 
 # Exit statuses (docs/reliability.md): 0 done, 2 a user error named in one

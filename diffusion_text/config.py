@@ -110,6 +110,9 @@ class EvalConfig:
   batch_size: int = spec(32, lo=1)  # blocks per evaluation batch
   use_ema: bool = True           # evaluate the EMA parameters
   seed: int = spec(0, lo=0)  # PRNG seed of the Monte-Carlo estimate
+  time_sampling: str = spec("independent", choices=("independent", "stratified"))  # a block's K times: independent, or in K strata (one call)
+  target_sem: float = spec(0.0, lo=0)  # adaptive K: raise K per block until its MC error (nats/token) is below this; 0: off
+  max_mc_samples: int = spec(256, lo=1)  # adaptive K never exceeds this per block
 
 
 @dataclasses.dataclass(frozen=True)

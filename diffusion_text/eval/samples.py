@@ -23,9 +23,15 @@ def sampling_options(sc: SampleConfig):
                                    temperature=sc.temperature, top_p=sc.top_p)
 
 
-def make_sampler(process, graphdef, sc: SampleConfig, length: int):
-  """The jitted sampler `fn(key, params, *cond) -> ids [num, length]`."""
-  build = lambda p: as_denoiser(nnx.merge(graphdef, p))
+def make_sampler(process, graphdef, sc: SampleConfig, length: int,
+                 wrap_denoiser: Optional[Callable] = None):
+  """The jitted sampler `fn(key, params, *cond) -> ids [num, length]`.
+
+  `wrap_denoiser(Denoiser) -> Denoiser` (e.g. a network-call counter) is
+  applied inside the jitted function.
+  """
+  wrap = wrap_denoiser or (lambda d: d)
+  build = lambda p: wrap(as_denoiser(nnx.merge(graphdef, p)))
   steps = sc.steps or None
   return sampling.make_sampler(process, sc.num, length, steps, build,
                                options=sampling_options(sc))
