@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from diffusion_text import config as config_lib, processes, sampling
+from diffusion_text import config as config_lib, flops, processes, sampling
 from diffusion_text import sharding, step as step_lib, train
 from diffusion_text.models import as_denoiser, build_model, count_params
 
@@ -90,27 +90,7 @@ SMOKE = Shape(layers=1, d_model=32, heads=2, vocab=64, seq_len=16, batch=4,
 
 
 # ------------------------------------------------------------------- FLOPs
-def model_flops(cfg: config_lib.Config, vocab: int) -> dict:
-  """Analytic model FLOPs per token, the same for every process.
-
-  Counted: the backbone's matmul weights (qkv, attention out, MLP up/down),
-  2 FLOPs per multiply-add; full (non-causal) attention scores and values,
-  4 L d per layer; and a d x V output head at every position. Training is
-  3x the forward (forward, input gradient, weight gradient). Not counted:
-  embedding lookups, the time/adaLN conditioning (once per sequence), norms,
-  softmax, the loss and the optimizer. This is the dense reference model of
-  DESIGN.md section 8: a process that evaluates its head at fewer positions,
-  or whose backbone differs slightly (Gaussian stems), is still credited the
-  same work per token, so the fraction of peak ranks tokens/s fairly.
-  """
-  m, length = cfg.model, cfg.data.seq_len
-  d, hidden = m.d_model, m.mlp_ratio * m.d_model
-  matmul_params = m.num_layers * (4 * d * d + 2 * d * hidden)
-  attention = 4 * length * d * m.num_layers
-  head = 2 * d * vocab
-  forward = 2 * matmul_params + attention + head
-  return {"forward_per_token": forward, "train_per_token": 3 * forward,
-          "backbone_matmul_params": matmul_params}
+model_flops = flops.model_flops  # the one count, shared with the trainer's MFU
 
 
 # ---------------------------------------------------------------- measuring

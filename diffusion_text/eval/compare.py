@@ -34,14 +34,9 @@ def _steps_for_tokens(cfg, value) -> dict:
 
 
 def _steps_for_flops(cfg, value) -> dict:
-  try:
-    from diffusion_text import flops
-  except ImportError:
-    raise config_lib.ConfigError(
-        "--budget flops=N needs the FLOP counter diffusion_text/flops.py "
-        "(flops.train_step_flops); use --budget tokens=N or seconds=N") from None
+  from diffusion_text import flops
   vocab_size = pipeline.prepare(cfg).vocab_size
-  per_step = float(flops.train_step_flops(cfg, vocab_size))
+  per_step = float(flops.train_flops_per_step(cfg, vocab_size))
   return {"train.steps": max(1, int(value // per_step))}
 
 
