@@ -1,4 +1,4 @@
-"""Command line: diffusion-text {train, eval, sample, compare, data}."""
+"""Command line: diffusion-text {train, eval, sample, compare, data, import}."""
 
 from __future__ import annotations
 
@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
   c.add_argument("--split", default="test")
   c.add_argument("--out", help="write the Markdown table here")
 
+  _import_parser(sub)
+  _suite_flags(e, c)
+
   d = sub.add_parser("data", help="prepare a config's data and print stats")
   d.add_argument("--config", required=True)
   _common_data_flags(d)
@@ -127,7 +130,58 @@ def cmd_train(args) -> int:
   return 0
 
 
+def _import_parser(sub) -> None:
+  i = sub.add_parser("import", help="a published checkpoint (GPT-2, SEDD, "
+                     "MDLM) as a workdir that eval and sample accept")
+  i.add_argument("source", help="folder with config.json + model.safetensors "
+                 "or pytorch_model.bin, or hf:NAME (online, huggingface_hub)")
+  i.add_argument("--workdir", required=True)
+  i.add_argument("--tokenizer", help="tokenizer of the checkpoint's ids "
+                 "(default: gpt2 for GPT-2's 50,257 ids, else identity)")
+  i.add_argument("--corpus", help="data.source the workdir evaluates and "
+                 "samples on (default: wikitext103 for gpt2, else synthetic)")
+  _common_data_flags(i)
+
+
+def _suite_flags(e: argparse.ArgumentParser, c: argparse.ArgumentParser):
+  e.add_argument("--suite", choices=["zero-shot"], help="the five-set "
+                 "zero-shot table (docs/zero_shot.md) instead of one split")
+  e.add_argument("--sets", help="comma-separated subset of lambada,"
+                 "wikitext2,ptb,wikitext103,lm1b (with --suite)")
+  e.add_argument("--protocol", choices=["sedd", "whole"], default="sedd",
+                 help="how rows become blocks (with --suite; default sedd)")
+  c.add_argument("--suite", choices=["zero-shot"], help="join the workdirs' "
+                 "zero_shot.json files into one table")
+
+
+def cmd_import(args) -> int:
+  from diffusion_text import importer
+  importer.import_workdir(args.source, args.workdir, args.tokenizer,
+                          args.corpus, _overrides(args))
+  return 0
+
+
+def _cmd_zero_shot(args) -> int:
+  from diffusion_text.eval import zero_shot
+  sets = args.sets.split(",") if args.sets else None
+  zero_shot.evaluate_suite(args.workdir, _with_shorthand(args), sets=sets,
+                           protocol=args.protocol)
+  return 0
+
+
+def _cmd_compare_zero_shot(args) -> int:
+  from diffusion_text.eval import zero_shot
+  md, tex = zero_shot.compare(args.workdirs)
+  print(md)
+  if args.out:
+    pathlib.Path(args.out).write_text(md)
+    pathlib.Path(args.out).with_suffix(".tex").write_text(tex)
+  return 0
+
+
 def cmd_eval(args) -> int:
+  if args.suite:
+    return _cmd_zero_shot(args)
   from diffusion_text.eval import likelihood
   likelihood.evaluate_workdir(args.workdir, _with_shorthand(args))
   return 0
@@ -143,6 +197,8 @@ def cmd_sample(args) -> int:
 
 
 def cmd_compare(args) -> int:
+  if args.suite:
+    return _cmd_compare_zero_shot(args)
   from diffusion_text.eval import likelihood, report
   rows = []
   for wd in args.workdirs:
@@ -185,7 +241,7 @@ def _has_split(prepared, split) -> bool:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample,
-            "compare": cmd_compare, "data": cmd_data}
+            "compare": cmd_compare, "data": cmd_data, "import": cmd_import}
 
 
 def main(argv=None) -> int:

@@ -47,6 +47,14 @@ class ModelConfig:
   dtype: str = "float32"         # compute dtype: float32 or bfloat16
   remat: bool = False            # rematerialise each block in the backward pass
   scan_layers: bool = False      # stack blocks and jax.lax.scan over them
+  # The network: 'dit' (ours, sized by the fields above) or a published
+  # backbone (gpt2 | sedd_dit | mdlm_dit, see models/backbones.py) whose own
+  # config is `arch` (written by `diffusion-text import`).
+  backbone: str = "dit"
+  arch: dict = dataclasses.field(default_factory=dict, hash=False)
+  # Token ids the network knows (0: the tokenizer's). An imported checkpoint
+  # keeps its own table, which may be larger than the data's ids.
+  vocab_size: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +246,8 @@ def validate(cfg: Config) -> None:
   if m.d_model % m.num_heads:
     raise ConfigError(f"model.d_model={m.d_model} is not divisible by "
                       f"model.num_heads={m.num_heads}")
+  if m.vocab_size < 0:
+    raise ConfigError("model.vocab_size must be >= 0 (0: the tokenizer's)")
   if m.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"model.dtype must be float32 or bfloat16, not {m.dtype!r}")
   if cfg.train.parallel not in ("sharded", "pmap"):
