@@ -170,8 +170,8 @@ def _cmd_zero_shot(args) -> int:
 
 
 def _cmd_compare_zero_shot(args) -> int:
-  from diffusion_text.eval import zero_shot
-  md, tex = zero_shot.compare(args.workdirs)
+  from diffusion_text.eval import zero_shot_table
+  md, tex = zero_shot_table.compare(args.workdirs)
   print(md)
   if args.out:
     pathlib.Path(args.out).write_text(md)
