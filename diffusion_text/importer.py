@@ -57,8 +57,13 @@ def resolve_source(source: str) -> pathlib.Path:
         f"{source} needs huggingface_hub (pip install huggingface_hub); or "
         "download the folder elsewhere and pass its path") from None
   try:
-    return pathlib.Path(huggingface_hub.snapshot_download(
-        name, allow_patterns=list(HF_FILES)))
+    # safetensors when published (GPT-2, MDLM), else SEDD's pytorch_model.bin
+    folder = pathlib.Path(huggingface_hub.snapshot_download(
+        name, allow_patterns=["config.json", "model.safetensors"]))
+    if not (folder / "model.safetensors").exists():
+      folder = pathlib.Path(huggingface_hub.snapshot_download(
+          name, allow_patterns=["config.json", "pytorch_model.bin"]))
+    return folder
   except Exception as e:  # offline, unknown repo, gated: one line, the fix
     raise config_lib.ConfigError(
         f"could not fetch {source} ({type(e).__name__}); go online, or "
