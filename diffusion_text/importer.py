@@ -99,11 +99,8 @@ def imported_config(imp: convert.Imported, name: str,
 
 
 def _sha256(path: pathlib.Path) -> str:
-  h = hashlib.sha256()
   with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def import_workdir(source: str, workdir, tokenizer: Optional[str] = None,

@@ -92,11 +92,8 @@ def counts(units: Sequence[np.ndarray], seq_len: int) -> dict:
 
 # ------------------------------------------------------------------ data
 def _sha256(path: pathlib.Path) -> str:
-  h = hashlib.sha256()
   with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def set_units(name: str, tokenizer, data_dir=None
@@ -120,7 +117,9 @@ def set_units(name: str, tokenizer, data_dir=None
 
 def _whole_batches(run, name: str, batch_size: int, max_blocks: int):
   """`whole` blocks through the pipeline (cached array_record dataset)."""
+  # The set's own files: not the training corpus's data.path.
   cfg = config_lib.apply_overrides(run.cfg, [f"data.source={name}",
+                                             "data.path=none",
                                              "data.packing=concat"])
   prepared = pipeline.prepare(cfg, tokenizer=run.prepared.tokenizer)
   n = prepared.num_blocks(SPLIT)
