@@ -182,6 +182,8 @@ def _cmd_compare_zero_shot(args) -> int:
 def cmd_eval(args) -> int:
   if args.suite:
     return _cmd_zero_shot(args)
+  if args.sets or args.protocol != "sedd":
+    raise ValueError("--sets and --protocol belong to --suite zero-shot")
   from diffusion_text.eval import likelihood
   likelihood.evaluate_workdir(args.workdir, _with_shorthand(args))
   return 0

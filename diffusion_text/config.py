@@ -47,14 +47,9 @@ class ModelConfig:
   dtype: str = "float32"         # compute dtype: float32 or bfloat16
   remat: bool = False            # rematerialise each block in the backward pass
   scan_layers: bool = False      # stack blocks and jax.lax.scan over them
-  # The network: 'dit' (ours, sized by the fields above) or a published
-  # backbone (gpt2 | sedd_dit | mdlm_dit, see models/backbones.py) whose own
-  # config is `arch` (written by `diffusion-text import`).
-  backbone: str = "dit"
-  arch: dict = dataclasses.field(default_factory=dict, hash=False)
-  # Token ids the network knows (0: the tokenizer's). An imported checkpoint
-  # keeps its own table, which may be larger than the data's ids.
-  vocab_size: int = 0
+  backbone: str = "dit"          # dit (ours) | gpt2 | sedd_dit | mdlm_dit (published, models/backbones.py)
+  arch: dict = dataclasses.field(default_factory=dict, hash=False)  # a published backbone's own config (written by `import`)
+  vocab_size: int = 0            # network token table (0: the tokenizer's); an import keeps its checkpoint's
 
 
 @dataclasses.dataclass(frozen=True)
