@@ -1,4 +1,4 @@
-"""Command line: diffusion-text {train, eval, sample, sample-eval, compare, data}."""
+"""Command line: diffusion-text {train, eval, sample, sample-eval, compare, data, import}."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _common_data_flags(p: argparse.ArgumentParser) -> None:
                  "train.steps=200 or process.schedule=cosine (repeatable)")
 
 
-def _compare_parser(sub) -> None:
+def _compare_parser(sub) -> argparse.ArgumentParser:
   c = sub.add_parser(
       "compare", help="train processes on one budget and compare them "
       "(--processes), or one table over existing workdirs (DIR...)")
@@ -38,6 +38,7 @@ def _compare_parser(sub) -> None:
   c.add_argument("--split", default="test")
   c.add_argument("--out", help="output folder (--processes) or Markdown file")
   _common_data_flags(c)
+  return c
 
 
 def _sample_eval_parser(sub) -> None:
@@ -117,8 +118,11 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--no-ema", action="store_true")
   _common_data_flags(s)
 
-  _compare_parser(sub)
+  c = _compare_parser(sub)
   _sample_eval_parser(sub)
+
+  _import_parser(sub)
+  _suite_flags(e, c)
 
   d = sub.add_parser("data", help="prepare a config's data and print stats")
   d.add_argument("--config", required=True)
@@ -169,7 +173,61 @@ def cmd_train(args) -> int:
   return 0
 
 
+def _import_parser(sub) -> None:
+  i = sub.add_parser("import", help="a published checkpoint (GPT-2, SEDD, "
+                     "MDLM) as a workdir that eval and sample accept")
+  i.add_argument("source", help="folder with config.json + model.safetensors "
+                 "or pytorch_model.bin, or hf:NAME (online, huggingface_hub)")
+  i.add_argument("--workdir", required=True)
+  i.add_argument("--tokenizer", help="tokenizer of the checkpoint's ids "
+                 "(default: gpt2 for GPT-2's 50,257 ids, else identity)")
+  i.add_argument("--corpus", help="data.source the workdir evaluates and "
+                 "samples on (default: wikitext103 for gpt2, else synthetic)")
+  _common_data_flags(i)
+
+
+def _suite_flags(e: argparse.ArgumentParser, c: argparse.ArgumentParser):
+  e.add_argument("--suite", choices=["zero-shot"], help="the five-set "
+                 "zero-shot table (docs/zero_shot.md) instead of one split")
+  e.add_argument("--sets", help="comma-separated subset of lambada,"
+                 "wikitext2,ptb,wikitext103,lm1b (with --suite)")
+  e.add_argument("--protocol", choices=["sedd", "whole"], default="sedd",
+                 help="how rows become blocks (with --suite; default sedd)")
+  c.add_argument("--suite", choices=["zero-shot"], help="join the workdirs' "
+                 "zero_shot.json files into one table")
+
+
+def cmd_import(args) -> int:
+  from diffusion_text import importer
+  importer.import_workdir(args.source, args.workdir, args.tokenizer,
+                          args.corpus, _overrides(args))
+  return 0
+
+
+def _cmd_zero_shot(args) -> int:
+  from diffusion_text.eval import zero_shot
+  sets = args.sets.split(",") if args.sets else None
+  zero_shot.evaluate_suite(args.workdir, _with_shorthand(args), sets=sets,
+                           protocol=args.protocol)
+  return 0
+
+
+def _cmd_compare_zero_shot(args) -> int:
+  from diffusion_text.eval import zero_shot_table
+  md, tex = zero_shot_table.compare(args.workdirs)
+  print(md)
+  if args.out:
+    from diffusion_text import workdir as workdir_lib
+    workdir_lib.atomic_write_text(args.out, md)
+    workdir_lib.atomic_write_text(pathlib.Path(args.out).with_suffix(".tex"), tex)
+  return 0
+
+
 def cmd_eval(args) -> int:
+  if args.suite:
+    return _cmd_zero_shot(args)
+  if args.sets or args.protocol != "sedd":
+    raise ValueError("--sets and --protocol belong to --suite zero-shot")
   from diffusion_text.eval import likelihood
   likelihood.evaluate_workdir(args.workdir, _with_shorthand(args))
   return 0
@@ -185,6 +243,8 @@ def cmd_sample(args) -> int:
 
 
 def cmd_compare(args) -> int:
+  if args.suite:
+    return _cmd_compare_zero_shot(args)
   from diffusion_text.config import ConfigError
   from diffusion_text import train
   from diffusion_text.eval import compare
@@ -245,7 +305,7 @@ def _has_split(prepared, split) -> bool:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample,
             "compare": cmd_compare, "sample-eval": cmd_sample_eval,
-            "data": cmd_data}
+            "data": cmd_data, "import": cmd_import}
 
 
 # Exit statuses (docs/reliability.md): 0 done, 2 a user error named in one

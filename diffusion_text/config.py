@@ -54,6 +54,9 @@ class ModelConfig:
   # built; parameters stay float32 either way, see compute_dtype)
   remat: bool = False            # rematerialise each block in the backward pass
   scan_layers: bool = False      # stack blocks and jax.lax.scan over them
+  backbone: str = spec("dit", choices=("dit", "gpt2", "sedd_dit", "mdlm_dit"))  # dit (ours) | gpt2 | sedd_dit | mdlm_dit (published, models/backbones.py)
+  arch: dict = dataclasses.field(default_factory=dict, hash=False)  # a published backbone's own config (written by `import`)
+  vocab_size: int = spec(0, lo=0)  # network token table (0: the tokenizer's); an import keeps its checkpoint's
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,6 +57,9 @@ class ModelSpec:
   learned_schedule: the model carries a monotone network gamma(t) = -log SNR
       exposed as `Denoiser.gamma`, initialised to the line from
       gamma_range[0] (t=0) to gamma_range[1] (t=1) (Kingma et al. 2021 sec. 5).
+  time_input: what `predict` receives as its time argument: 't' (the
+      process time in [0, 1]) or 'total_noise' (sigma_bar(t) of the
+      process's schedule, which SEDD's published DiT was trained on).
   """
 
   input: str
@@ -69,6 +72,7 @@ class ModelSpec:
   self_conditioning: bool = False
   learned_schedule: bool = False
   gamma_range: tuple[float, float] = (-10.0, 10.0)
+  time_input: str = "t"
 
 
 def cross_entropy(logits_BxLxV: Array, target_BxL: Array) -> Array:

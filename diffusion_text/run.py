@@ -21,10 +21,11 @@ from typing import Callable, Optional
 
 from flax import nnx
 
-from diffusion_text import config as config_lib, processes, step as step_lib
+from diffusion_text import binding, config as config_lib, processes
+from diffusion_text import step as step_lib
 from diffusion_text.checkpoint import Checkpointer
 from diffusion_text.data import pipeline, tokenizers
-from diffusion_text.models import build_model, count_params
+from diffusion_text.models import count_params
 
 # Sections that define what a checkpoint is; the rest (steps, logging, eval,
 # sampling, data locations) may change between runs on the same workdir.
@@ -93,6 +94,20 @@ def build_process(cfg: config_lib.Config, vocab_size: int) -> processes.Process:
     raise config_lib.ConfigError(f"{e} (process.KEY=VALUE)") from None
 
 
+def model_vocab(cfg: config_lib.Config, data_vocab: int) -> int:
+  """The process's vocabulary: the tokenizer's, or `model.vocab_size` (an
+  imported checkpoint's table) when the data's ids fit inside it."""
+  want = cfg.model.vocab_size
+  if not want:
+    return data_vocab
+  if want < data_vocab:
+    raise config_lib.ConfigError(
+        f"model.vocab_size={want} is smaller than the tokenizer's "
+        f"{data_vocab} ids; pick a tokenizer/corpus whose ids fit "
+        "(e.g. data.source=synthetic)")
+  return want
+
+
 def setup(cfg: config_lib.Config, workdir: Optional[pathlib.Path] = None,
           log: Callable[[str], None] = print) -> Run:
   """Prepare data (reusing the workdir's tokenizer), process and model."""
@@ -102,8 +117,11 @@ def setup(cfg: config_lib.Config, workdir: Optional[pathlib.Path] = None,
     tokenizer = tokenizers.tokenizer_from_json(
         read_json(workdir / "tokenizer.json"))
   prepared = prepare(cfg, tokenizer)
-  process = build_process(cfg, prepared.vocab_size)
-  model = build_model(process.model_spec, cfg.model, seed=cfg.train.seed)
+  process = build_process(cfg, model_vocab(cfg, prepared.vocab_size))
+  try:
+    model = binding.build_model(process, cfg.model, seed=cfg.train.seed)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
   graphdef, params = nnx.split(model)
   log(f"[setup] {cfg.process.name} on {cfg.data.source}/{cfg.data.tokenizer}: "
       f"vocab {prepared.vocab_size:,}, {count_params(model):,} parameters, "

@@ -1,5 +1,7 @@
 """Shared building blocks of the presets (not a preset itself)."""
 
+import dataclasses
+
 from diffusion_text.config import (Config, DataConfig, EvalConfig, ModelConfig,
                                    ProcessConfig, SampleConfig, TrainConfig)
 
@@ -78,3 +80,14 @@ def paper_scale(benchmark: str, process: str, **options) -> Config:
       eval=EvalConfig(split=split, mc_samples=1, batch_size=32),
       sample=SampleConfig(num=4, length=data["seq_len"]),
   )
+
+
+def owt_small(process: str, **options) -> Config:
+  """`owt_<process>_small`: the OpenWebText setting at GPT-2-small size
+  (12 layers, width 768, 12 heads, L = 1,024) in bfloat16, as SEDD and MDLM
+  train on accelerators. The corpus is data.source/data.path (OpenWebText
+  files, or any local corpus: data.source=text data.path=FILE)."""
+  cfg = paper_scale("owt", process, **options)
+  return dataclasses.replace(
+      cfg, name=f"owt_{process}_small",
+      model=dataclasses.replace(cfg.model, dtype="bfloat16"))

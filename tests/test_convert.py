@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from diffusion_text import binding
 from diffusion_text.models import backbones, convert, dit_sedd, weights
 from diffusion_text.processes import Denoiser, make_process
 
@@ -44,7 +45,7 @@ _call = nnx.jit(lambda model, *args: model(*args))
 
 def _bound_predict(imp, process):
   """jitted (model, x, t) -> the adapter's predict."""
-  return nnx.jit(lambda model, x, t: backbones.bind_backbone(
+  return nnx.jit(lambda model, x, t: binding.bind_backbone(
       imp.backbone, model, process).predict(x, t))
 
 
@@ -200,7 +201,7 @@ def test_gpt2_adapter_reads_bos_as_endoftext():
   process = make_process("ar", **imp.process_options)
   tokens = jnp.asarray(io_["input_ids"], jnp.int32)
   nll = np.asarray(nnx.jit(lambda model, x: process.token_nll(
-      backbones.bind_backbone("gpt2", model, process), x))(imp.model, tokens))
+      binding.bind_backbone("gpt2", model, process), x))(imp.model, tokens))
   inputs = jnp.concatenate(
       [jnp.full((3, 1), imp.arch.bos_token), tokens[:, :-1]], axis=1)
   log_p = jax.nn.log_softmax(_call(imp.model, inputs), axis=-1)
@@ -214,7 +215,7 @@ def test_gpt2_adapter_reads_bos_as_endoftext():
 def test_backbone_vocab_mismatch_is_refused():
   imp, _ = _load("sedd_uniform_tiny")
   with pytest.raises(ValueError, match="input ids"):
-    backbones.build_backbone("sedd_dit", imp.arch,
+    binding.build_backbone("sedd_dit", imp.arch,
                              make_process("sedd_absorb", vocab_size=50))
 
 
@@ -231,7 +232,7 @@ def test_imported_bound_is_finite_under_jit(name):
   @jax.jit
   def bound(params, key, tokens):
     model = nnx.merge(graphdef, params)
-    denoiser = backbones.bind_backbone(imp.backbone, model, process)
+    denoiser = binding.bind_backbone(imp.backbone, model, process)
     return process.nll_bound(key, denoiser, tokens, jnp.ones_like(tokens))
 
   tokens = jnp.asarray(io_["input_ids"], jnp.int32) % process.vocab_size

@@ -26,8 +26,12 @@ def as_denoiser(model: Transformer, fused_loss: bool = True) -> Denoiser:
 
   With a logits head, `target_nll` is the model's fused head + cross-entropy
   at selected positions only; `fused_loss=False` leaves it out, so processes
-  use the dense head everywhere (for comparisons).
+  use the dense head everywhere (for comparisons). A published backbone
+  (`backbones.Adapted`) is bound through its registry adapter.
   """
+  adapted = getattr(model, "adapted_denoiser", None)
+  if adapted is not None:   # a published backbone (models.backbones.Adapted)
+    return adapted()
   spec = model.spec
   return Denoiser(
       predict=model,

@@ -23,9 +23,9 @@ How the published models' outputs map onto our processes' `predict`:
   finite form the bound uses; the input-token entry is the dropped [MASK]
   column at masked positions and never used at unmasked ones.
   `SEDDUniform.log_score` zeroes the input-token entry). The network reads
-  the total noise sigma_bar(t), not t: `predict(x_t, t)` evaluates
-  `model(x_t, time_fn(t))`, where `time_fn` is the process's schedule
-  (`SEDDAbsorb.total_noise`), supplied by the caller.
+  the total noise sigma_bar(t), not t: the backbone asks for
+  `ModelSpec.time_input == 'total_noise'` and the SEDD processes (option
+  `time_input=total_noise`) then call `predict(x_t, sigma_bar(t))`.
 * mdlm_dit -> masked. MDLM's backbone returns raw logits over V + 1 ids
   ([MASK] last). Its SUBS parameterisation (`dit_sedd.mdlm_subs_log_probs`)
   is: -inf on [MASK] before the softmax (zero masking), and unmasked
@@ -33,9 +33,15 @@ How the published models' outputs map onto our processes' `predict`:
   data tokens only and applies carry-over itself (it scores and updates
   masked positions only), so the adapter drops the [MASK] column: a
   softmax over the first V columns equals MDLM's (e^-1e6 is 0 in float32).
-  The network reads sigma(t) = -log alpha(t); with `time_conditioning`
-  false (the published mdlm-owt) it ignores it, as the process's
-  `time_conditioning=False` assumes.
+  The network reads sigma(t) = -log alpha(t) through a plain `time_fn`
+  (built from the process's schedule above this package, in
+  `diffusion_text.binding`); with `time_conditioning` false (the published
+  mdlm-owt) it ignores it, as the process's `time_conditioning=False`
+  assumes.
+
+Nothing here knows a process: `Adapted` holds a published module with the
+`ModelSpec` it serves and a `time_fn` callable, and `models.as_denoiser`
+turns it into the `Denoiser` through the registry's adapter.
 """
 
 from __future__ import annotations
@@ -47,11 +53,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_text.models import as_denoiser
-from diffusion_text.models.denoiser import Transformer
-from diffusion_text.models.dit_sedd import ScoreDiT
-from diffusion_text.models.gpt2 import GPT2
-from diffusion_text.processes import Denoiser, Process
+from diffusion_text.contract import Denoiser, ModelSpec
+from diffusion_text.models.dit_sedd import DiTConfig, ScoreDiT
+from diffusion_text.models.gpt2 import GPT2, GPT2Config
 
 Array = jax.Array
 TimeFn = Callable[[Array], Array]  # process time t [B] -> network input [B]
@@ -73,7 +77,7 @@ def gpt2_denoiser(model: GPT2, bos_id: int) -> Denoiser:
 
 def sedd_denoiser(model: ScoreDiT, time_fn: TimeFn) -> Denoiser:
   """`predict(x, t)` = raw DiT logits [B, L, K] at sigma = time_fn(t)
-  (SEDD: the total noise sigma_bar(t) of the process's schedule)."""
+  (the SEDD processes already pass sigma_bar(t): time_fn is the identity)."""
   def predict(x_BxL: Array, t_B: Array, self_cond=None) -> Array:
     del self_cond
     return model(x_BxL, time_fn(jnp.asarray(t_B, jnp.float32)))
@@ -92,79 +96,83 @@ def mdlm_denoiser(model: ScoreDiT, time_fn: TimeFn) -> Denoiser:
   return Denoiser(predict=predict)
 
 
-def masked_total_noise(process: Process) -> TimeFn:
-  """sigma(t) = -log alpha(t) of a masked process, capped at MDLM's
-  largest trained noise (alpha >= MDLM_MIN_ALPHA) so t = 1 stays finite."""
-  return lambda t_B: -jnp.log(jnp.maximum(process.alpha(t_B), MDLM_MIN_ALPHA))
+def identity_time(t_B: Array) -> Array:
+  return t_B
 
 
 # ------------------------------------------------------------- registry
 @dataclasses.dataclass(frozen=True)
 class Backbone:
-  """build(arch, process, rngs) -> module; bind(module, process) ->
-  Denoiser; input_rows(arch) -> embedding rows, checked against the
-  process's `model_spec.input_vocab`."""
+  """A published backbone: module(arch, rngs=) built from `arch_cls(**d)`;
+  adapt(module, time_fn, spec) -> Denoiser; input_rows(arch) -> embedding
+  rows (checked against `spec.input_vocab`); time_input: what the process
+  must feed `predict` (`ModelSpec.time_input`)."""
 
-  build: Callable[[Any, Process, nnx.Rngs], nnx.Module]
-  bind: Callable[[nnx.Module, Process], Denoiser]
+  module: Callable[..., nnx.Module]
+  arch_cls: type
+  adapt: Callable[[nnx.Module, TimeFn, ModelSpec], Denoiser]
   input_rows: Callable[[Any], int]
+  time_input: str = "t"
 
 
 BACKBONES: dict[str, Backbone] = {
-    # The native DiT is sized from the process's ModelSpec itself.
-    "dit": Backbone(
-        build=lambda arch, process, rngs: Transformer(
-            process.model_spec, arch, rngs=rngs),
-        bind=lambda m, p: as_denoiser(m),
-        input_rows=lambda arch: -1),
-    # Our BOS (= V) is not a row of GPT-2's table; the adapter rewrites it.
+    # Our BOS (= V, the last input row) is not a row of GPT-2's table; the
+    # adapter rewrites it.
     "gpt2": Backbone(
-        build=lambda arch, process, rngs: GPT2(arch, rngs=rngs),
-        bind=lambda m, p: gpt2_denoiser(m, bos_id=p.bos_id),
+        module=GPT2, arch_cls=GPT2Config,
+        adapt=lambda m, time_fn, spec: gpt2_denoiser(
+            m, bos_id=spec.input_vocab - 1),
         input_rows=lambda arch: arch.vocab_size + 1),
     "sedd_dit": Backbone(
-        build=lambda arch, process, rngs: ScoreDiT(arch, rngs=rngs),
-        bind=lambda m, p: sedd_denoiser(m, p.total_noise),
-        input_rows=lambda arch: arch.vocab_size),
+        module=ScoreDiT, arch_cls=DiTConfig,
+        adapt=lambda m, time_fn, spec: sedd_denoiser(m, time_fn),
+        input_rows=lambda arch: arch.vocab_size, time_input="total_noise"),
     "mdlm_dit": Backbone(
-        build=lambda arch, process, rngs: ScoreDiT(arch, rngs=rngs),
-        bind=lambda m, p: mdlm_denoiser(m, masked_total_noise(p)),
+        module=ScoreDiT, arch_cls=DiTConfig,
+        adapt=lambda m, time_fn, spec: mdlm_denoiser(m, time_fn),
         input_rows=lambda arch: arch.vocab_size),
 }
 
 
-def _backbone(name: str) -> Backbone:
+def backbone(name: str) -> Backbone:
   if name not in BACKBONES:
     raise ValueError(f"unknown model.backbone {name!r}; choose one of: "
-                     f"{', '.join(BACKBONES)}")
+                     f"dit, {', '.join(BACKBONES)}")
   return BACKBONES[name]
 
 
-def check_backbone(name: str, arch: Any, process: Process) -> None:
-  """Raise if the backbone's vocabulary does not fit the process."""
-  rows = _backbone(name).input_rows(arch)
-  want = process.model_spec.input_vocab
-  if rows >= 0 and rows != want:
-    raise ValueError(
-        f"backbone {name!r} has {rows} input ids (BOS/[MASK] included) but "
-        f"process {type(process).__name__} with vocab_size="
-        f"{process.vocab_size} needs {want}; set data vocabulary to match "
-        "the checkpoint")
+def make_arch(name: str, arch: Any) -> Any:
+  """The backbone's config from a dict (config.json) or the config itself."""
+  cls = backbone(name).arch_cls
+  if isinstance(arch, cls):
+    return arch
+  try:
+    return cls(**dict(arch))
+  except TypeError as e:
+    raise ValueError(f"model.arch does not describe a {name!r} backbone "
+                     f"({e}); import the checkpoint again") from None
 
 
-def build_backbone(name: str, arch: Any, process: Process,
-                   seed: int = 0) -> nnx.Module:
-  """A freshly initialised backbone `name` (arch: its config) for `process`."""
-  check_backbone(name, arch, process)
-  return _backbone(name).build(arch, process, nnx.Rngs(params=seed))
+class Adapted(nnx.Module):
+  """A published backbone and what its adapter needs: the `ModelSpec` it
+  serves and the plain `time_fn` mapping process time to its input."""
+
+  def __init__(self, name: str, inner: nnx.Module, spec: ModelSpec,
+               time_fn: TimeFn = identity_time):
+    self.name, self.inner, self.spec, self.time_fn = name, inner, spec, time_fn
+
+  def adapted_denoiser(self) -> Denoiser:
+    return backbone(self.name).adapt(self.inner, self.time_fn, self.spec)
 
 
-def bind_backbone(name: str, model: nnx.Module, process: Process) -> Denoiser:
-  """The `Denoiser` through which `process` calls `model`."""
-  return _backbone(name).bind(model, process)
+def build_adapted(name: str, arch: Any, spec: ModelSpec, time_fn: TimeFn,
+                  seed: int = 0) -> Adapted:
+  """A freshly initialised backbone `name` wrapped for `spec`."""
+  inner = backbone(name).module(make_arch(name, arch),
+                                rngs=nnx.Rngs(params=seed))
+  return Adapted(name, inner, spec, time_fn)
 
 
-__all__ = ["BACKBONES", "Backbone", "MDLM_MIN_ALPHA", "TimeFn",
-           "bind_backbone", "build_backbone", "check_backbone",
-           "gpt2_denoiser", "masked_total_noise", "mdlm_denoiser",
-           "sedd_denoiser"]
+__all__ = ["Adapted", "BACKBONES", "Backbone", "MDLM_MIN_ALPHA", "TimeFn",
+           "backbone", "build_adapted", "gpt2_denoiser", "identity_time",
+           "make_arch", "mdlm_denoiser", "sedd_denoiser"]

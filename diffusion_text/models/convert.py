@@ -195,9 +195,11 @@ def _sedd_arch(config: dict) -> DiTConfig:
 
 
 def _sedd_process(config: dict, arch: DiTConfig) -> tuple[str, dict]:
+  """SEDD's noise as our process options; its DiT reads sigma_bar(t)."""
   del arch
   noise = config["noise"]
-  options = {"vocab_size": config["tokens"], "schedule": noise["type"]}
+  options = {"vocab_size": config["tokens"], "schedule": noise["type"],
+             "time_input": "total_noise"}
   if noise["type"] == "geometric":
     options.update(sigma_min=noise["sigma_min"], sigma_max=noise["sigma_max"])
   if config["graph"]["type"] == "absorb":

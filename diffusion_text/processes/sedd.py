@@ -102,6 +102,9 @@ class _SEDD(base.Process):
   t_min: float = 1e-3             # bound integral and sampler stop at t_min
   recon_prob: float = 1.0 / 32    # share of sequences scoring the decoder
   antithetic: bool = True         # stratified times over the batch (MD4)
+  # What the network reads as time: 't', or 'total_noise' = sigma_bar(t)
+  # (SEDD's published DiT; the imported backbone asks for it).
+  time_input: str = "t"
 
   def __post_init__(self):
     check_schedule(self.schedule, _SCHEDULES, "sedd")
@@ -111,6 +114,9 @@ class _SEDD(base.Process):
       raise ValueError(f"recon_prob={self.recon_prob} must lie in (0, 1)")
     if not 0.0 <= self.eps < 1.0:
       raise ValueError(f"eps={self.eps} must lie in [0, 1)")
+    if self.time_input not in ("t", "total_noise"):
+      raise ValueError(f"time_input={self.time_input!r} must be 't' or "
+                       "'total_noise'")
 
   SAMPLERS = ("euler", "tau_leaping", "analytic")
 
@@ -149,11 +155,16 @@ class _SEDD(base.Process):
     a = _expand(self.alpha(t), x0.ndim)
     return self.transition.sample(key, x0, a).astype(jnp.int32)
 
+  def network_time(self, t_B: Array) -> Array:
+    """The time input `predict` receives for process time t (`time_input`)."""
+    return self.total_noise(t_B) if self.time_input == "total_noise" else t_B
+
   @property
   def model_spec(self) -> base.ModelSpec:
     return base.ModelSpec(input="tokens", output="logits",
                           output_dim=self.num_states,
-                          input_vocab=self.num_states)
+                          input_vocab=self.num_states,
+                          time_input=self.time_input)
 
   # ---- exact math ----------------------------------------------------------
   def forward_rates(self, x: Array) -> Array:
@@ -266,7 +277,8 @@ class SEDDAbsorb(_SEDD):
   def log_score(self, denoiser: base.Denoiser, x_t: Array,
                 t_B: Array) -> Array:
     """log s_hat [B, L, V] from the network's raw output [B, L, V+1]."""
-    raw_BxLxV = denoiser.predict(x_t, t_B)[..., :self.vocab_size]
+    raw_BxLxV = denoiser.predict(x_t, self.network_time(t_B))
+    raw_BxLxV = raw_BxLxV[..., :self.vocab_size]
     raw_BxLxV = raw_BxLxV.astype(jnp.float32)
     if self.scale_by_sigma:
       return raw_BxLxV - math.log(self.vocab_size)

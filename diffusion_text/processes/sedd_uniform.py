@@ -49,7 +49,8 @@ class SEDDUniform(_SEDD):
 
   def log_score(self, denoiser: base.Denoiser, x_t: Array,
                 t_B: Array) -> Array:
-    raw_BxLxK = denoiser.predict(x_t, t_B).astype(jnp.float32)
+    raw_BxLxK = denoiser.predict(x_t, self.network_time(t_B))
+    raw_BxLxK = raw_BxLxK.astype(jnp.float32)
     current_BxLxK = jax.nn.one_hot(x_t, self.num_states, dtype=bool)
     return jnp.where(current_BxLxK, 0.0, raw_BxLxK)
 
