@@ -34,8 +34,8 @@ import numpy as np
 from flax import nnx
 
 from diffusion_text import config as config_lib, flops, monitoring, run as run_lib
-from diffusion_text import sampling, sharding, step as step_lib
-from diffusion_text.models import as_denoiser, build_model, count_params
+from diffusion_text import binding, sampling, sharding, step as step_lib
+from diffusion_text.models import as_denoiser, count_params
 
 PROCESSES = ("masked", "sedd_absorb", "gaussian_vlb", "ar")
 TARGET_MFU_MASKED = 0.50  # issue 8, at 125M on an H100/H200-class GPU
@@ -142,7 +142,7 @@ def bench_sampler(process, graphdef, params, size: Size, steps: int) -> dict:
 def bench_process(name: str, size: Size, dtype: str, log) -> dict:
   cfg = config(name, size, dtype)
   process = run_lib.build_process(cfg, size.vocab)
-  model = build_model(process.model_spec, cfg.model, seed=0)
+  model = binding.build_model(process, cfg.model, seed=0)
   graphdef, params = nnx.split(model)
   row = {"process": name, "params": count_params(model),
          "train": bench_train(cfg, process, graphdef, params, size)}

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import inspect
 import json
 import os
 import pathlib
@@ -38,8 +37,8 @@ import numpy as np
 from flax import nnx
 
 from diffusion_text import config as config_lib, flops, processes, sampling
-from diffusion_text import sharding, step as step_lib, train
-from diffusion_text.models import as_denoiser, build_model, count_params
+from diffusion_text import binding, run as run_lib, train
+from diffusion_text.models import as_denoiser, count_params
 
 # Sampler variants per process: (label, value of the sampler choice or None
 # for a process with a single sampler).
@@ -168,27 +167,13 @@ class TrainerStep:
   params: int
 
 
-def _parallel_registry() -> dict:
-  # Where the trainer keeps its parallel modes: sharding.py, or train.py.
-  return getattr(sharding, "PARALLEL", None) or train.PARALLEL
-
-
 def trainer_step(cfg: config_lib.Config, vocab: int) -> TrainerStep:
-  """Build process, model, optimizer state and jitted step as train.train."""
-  process = train.build_process(cfg, vocab)
-  model = build_model(process.model_spec, cfg.model, seed=cfg.train.seed)
+  """Process, model, optimizer state and jitted step exactly as train.train
+  builds them (run.build_process, binding.build_model, train.parallel_step)."""
+  process = run_lib.build_process(cfg, vocab)
+  model = binding.build_model(process, cfg.model, seed=cfg.train.seed)
   graphdef, params = nnx.split(model)
-  tc = cfg.train
-  tx = step_lib.make_optimizer(tc)
-  state = step_lib.init_state(params, tx)
-  factory = lambda axis: step_lib.make_train_step(
-      graphdef, process, tx, tc.ema_decay, axis_name=axis)
-  mode = _parallel_registry()[tc.parallel]
-  # The wrapper takes the config (train._Sharded) or a mesh (sharding.Sharded).
-  first = next(iter(inspect.signature(mode).parameters))
-  where = (sharding.make_mesh(tc.mesh_data, tc.mesh_fsdp)
-           if first == "mesh" else cfg)
-  par = mode(where, factory, state)
+  _, par, state = train.parallel_step(cfg, graphdef, process, params)
   return TrainerStep(par, par.place_state(state), process, graphdef,
                      count_params(model))
 
@@ -241,16 +226,11 @@ def bench_train(name: str, shape: Shape, steps: int, warmup: int) -> dict:
 # ----------------------------------------------------------------- samplers
 def make_sampler(process, sampler: Optional[str], num: int, length: int,
                  steps: int, build_denoiser: Callable):
-  """`sampling.make_sampler` with the sampler chosen either by an `options=`
-  argument (SamplingOptions) or, before it exists, by the process option."""
-  if sampler is None:
-    return sampling.make_sampler(process, num, length, steps, build_denoiser)
-  if "options" in inspect.signature(sampling.make_sampler).parameters:
-    return sampling.make_sampler(
-        process, num, length, steps, build_denoiser,
-        options=sampling.SamplingOptions(sampler=sampler))
-  return sampling.make_sampler(dataclasses.replace(process, sampler=sampler),
-                               num, length, steps, build_denoiser)
+  """`sampling.make_sampler` with the sampler variant `sampler` (None: the
+  process's default)."""
+  options = processes.SamplingOptions(sampler=sampler or "default")
+  return sampling.make_sampler(process, num, length, steps, build_denoiser,
+                               options=options)
 
 
 def counting(build_denoiser: Callable, counter: list) -> Callable:
@@ -281,9 +261,9 @@ def counting(build_denoiser: Callable, counter: list) -> Callable:
 def bench_sampler(name: str, label: str, sampler: Optional[str],
                   shape: Shape, count_calls: bool, repeats: int) -> dict:
   cfg = shape.config(name)
-  process = train.build_process(cfg, shape.vocab)
+  process = run_lib.build_process(cfg, shape.vocab)
   graphdef, params = nnx.split(
-      build_model(process.model_spec, cfg.model, seed=cfg.train.seed))
+      binding.build_model(process, cfg.model, seed=cfg.train.seed))
   build = lambda p: as_denoiser(nnx.merge(graphdef, p))
   num, length = shape.sample_num, shape.sample_len
   key = jax.random.key(0)

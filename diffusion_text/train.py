@@ -179,13 +179,15 @@ def train(cfg: config_lib.Config, workdir: str | pathlib.Path,
     lock.release()
 
 
-def _train(cfg, workdir, log, hooks, primary) -> dict:
-  run = _prepare_workdir(cfg, workdir, log)
+def parallel_step(cfg, graphdef, process, params):
+  """The trainer's jitted step on its mesh, and the initial (host) state:
+  (mesh, parallel wrapper with `.step`, TrainState). benchmarks/ times
+  exactly this."""
   tc = cfg.train
   tx = step_lib.make_optimizer(tc)
-  state = step_lib.init_state(run.params, tx)
+  state = step_lib.init_state(params, tx)
   factory = lambda axis: step_lib.make_train_step(
-      run.graphdef, run.process, tx, tc.ema_decay, axis_name=axis,
+      graphdef, process, tx, tc.ema_decay, axis_name=axis,
       grad_accum=tc.grad_accum)
   mesh = sharding.mesh_from_config(tc)
   devices = sharding.batch_devices(mesh)
@@ -194,7 +196,13 @@ def _train(cfg, workdir, log, hooks, primary) -> dict:
         f"data.batch_size={cfg.data.batch_size} is not divisible by the "
         f"{devices} devices of the batch axes; use a multiple of {devices} "
         "(or set train.mesh_data)")
-  par = sharding.PARALLEL[tc.parallel](mesh, factory, state)
+  return mesh, sharding.PARALLEL[tc.parallel](mesh, factory, state), state
+
+
+def _train(cfg, workdir, log, hooks, primary) -> dict:
+  run = _prepare_workdir(cfg, workdir, log)
+  tc = cfg.train
+  mesh, par, state = parallel_step(cfg, run.graphdef, run.process, run.params)
 
   ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints, log=log)
   start = 0
