@@ -16,7 +16,7 @@ def _common_data_flags(p: argparse.ArgumentParser) -> None:
                  "(default: $DIFFUSION_TEXT_CACHE); sets data.cache_dir")
   p.add_argument("--set", dest="overrides", action="append", default=[],
                  metavar="KEY=VALUE", help="dotted config override, e.g. "
-                 "train.steps=200 or process.schedule=cosine (repeatable)")
+                 "train.steps=200 or process.schedule=cosine_alpha (repeatable)")
 
 
 def _overrides(args) -> list[str]:

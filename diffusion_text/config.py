@@ -3,7 +3,7 @@
 A run is fully described by one `Config`. Presets live in `experiments/`
 (one module per paper row, each with a `config()` function). Command-line
 overrides are `key=value` with dotted keys, e.g. `train.steps=200` or
-`process.schedule=cosine` (keys under `process.` other than `name` are the
+`process.schedule=cosine_alpha` (keys under `process.` other than `name` are the
 process's own options; run.check_process validates them against the
 process registry, so this module imports no other part of the package).
 """

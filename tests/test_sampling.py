@@ -214,3 +214,16 @@ def test_time_unconditioned_network_makes_caching_exact():
   got = p.nll_bound(jax.random.key(0), build(logits), tokens,
                     jnp.ones_like(tokens)).nats
   np.testing.assert_allclose(got, fixed, rtol=1e-6)
+
+
+def test_gaussian_decode_takes_the_nearest_embedding():
+  # The largest dot product would send embedding 0 = (1, 0) to 1 = (2, 0).
+  from diffusion_text.processes import make_process
+  table = jnp.array([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+  p = make_process("gaussian", vocab_size=4, latent_dim=2)
+  den = Denoiser(predict=None, embed=lambda ids: table[ids])
+  ids = jnp.array([[0, 1, 2, 3]])
+  np.testing.assert_array_equal(p.decode(den, table[ids]), [[0, 1, 2, 3]])
+  # Off the table: (1.4, 0) is nearer to (1, 0) than to (2, 0).
+  x = jnp.array([[[1.4, 0.0], [1.6, 0.1], [0.1, 0.4], [0.2, -3.0]]])
+  np.testing.assert_array_equal(p.decode(den, x), [[0, 1, 2, 3]])

@@ -340,12 +340,19 @@ class GaussianProcess(Process):
   def prior(self, key: Array, shape: tuple[int, int]) -> Array:
     return jax.random.normal(key, (*shape, self.latent_dim), jnp.float32)
 
-  def _nearest_embedding(self, denoiser: Denoiser, x: Array) -> Array:
-    """The embedding closest (L2) to each x [B, L, D]."""
+  def nearest_ids(self, denoiser: Denoiser, x: Array) -> Array:
+    """Id of the embedding closest (L2) to each x [B, L, D] -> int32 [B, L]:
+    argmax of x.e - |e|^2 / 2 (the largest dot product alone favours long
+    embeddings)."""
     table_VxD = self.embedding_table(denoiser)
     score_BxLxV = (jnp.einsum("bld,vd->blv", x, table_VxD)
                    - 0.5 * jnp.sum(jnp.square(table_VxD), axis=-1))
-    return jnp.take(table_VxD, jnp.argmax(score_BxLxV, axis=-1), axis=0)
+    return jnp.argmax(score_BxLxV, axis=-1).astype(jnp.int32)
+
+  def _nearest_embedding(self, denoiser: Denoiser, x: Array) -> Array:
+    """The embedding closest (L2) to each x [B, L, D]."""
+    return jnp.take(self.embedding_table(denoiser),
+                    self.nearest_ids(denoiser, x), axis=0)
 
   def reverse_step(self, key: Array, denoiser: Denoiser, x_t: Array,
                    t: Array, s: Array,
@@ -363,8 +370,9 @@ class GaussianProcess(Process):
 
   def decode(self, denoiser: Denoiser, x0: Array,
              options: SamplingOptions = SamplingOptions()) -> Array:
+    """The nearest embedding's id (x0 is the sampler's final x0-hat)."""
     del options
-    return jnp.argmax(denoiser.round_logits(x0), axis=-1).astype(jnp.int32)
+    return self.nearest_ids(denoiser, x0)
 
   def impose(self, key: Array, denoiser: Denoiser, x_t: Array, t: Array,
              tokens: Array, cond_mask: Array) -> Array:
