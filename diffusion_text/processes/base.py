@@ -216,12 +216,23 @@ class Process(abc.ABC):
     return requested
 
   # ---- conditioning: fix some positions, let the process fill the rest ---
+  # How `impose` fills conditioned positions at t > 0: False keeps the clean
+  # token, exact for absorbing noise (an unmasked token of x_t *is* x0) and
+  # the AR baseline; True draws from q(x_t | tokens) via `corrupt`, the state
+  # the forward process is in at t (uniform noise: a clean token at high
+  # noise is not one).
+  IMPOSE_DRAWS: ClassVar[bool] = False
+
   def impose(self, key: Array, denoiser: Denoiser, x_t: Array, t: Array,
              tokens: Array, cond_mask: Array) -> Array:
     """Return x_t with the positions in `cond_mask` set to their values under
-    q(x_t | tokens) (for token states: the clean token itself)."""
-    del key, denoiser, t
-    return jnp.where(cond_mask.astype(bool), tokens, x_t)
+    q(x_t | tokens) (see `IMPOSE_DRAWS`); clean at t <= 0."""
+    del denoiser
+    known = tokens
+    if self.IMPOSE_DRAWS:
+      t_B = jnp.full(tokens.shape[:1], t, jnp.float32)
+      known = jnp.where(t > 0, self.corrupt(key, tokens, t_B), tokens)
+    return jnp.where(cond_mask.astype(bool), known, x_t)
 
   # ---- helpers -----------------------------------------------------------
   def options(self) -> dict[str, Any]:

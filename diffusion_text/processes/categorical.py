@@ -236,6 +236,8 @@ class D3PM(Process):
 class D3PMUniform(D3PM):
   """Q_t = (1 - b_t) I + b_t / V 11^T; prior Uniform(V)."""
 
+  IMPOSE_DRAWS = True  # conditioning draws q(x_t | x0), not the clean token
+
   @property
   def transition(self) -> transitions.Uniform:
     return transitions.Uniform(self.vocab_size)
