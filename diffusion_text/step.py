@@ -73,7 +73,7 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, *, graphdef,
 
   def loss_fn(params):
     denoiser = as_denoiser(nnx.merge(graphdef, params))
-    out = process.loss(key, denoiser, batch["tokens"], batch["mask"])
+    out = process.train_loss(key, denoiser, batch["tokens"], batch["mask"])
     return out.loss, out.metrics
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(

@@ -39,6 +39,7 @@ class Autoregressive(Process):
 
   SAMPLERS = ("ancestral",)
   SAMPLING_KNOBS = ("temperature", "top_p")
+  TRAIN_CONDITIONING = False  # prefixes are exact; inputs are shifted
 
   @property
   def bos_id(self) -> int:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_text.contract import Denoiser, ModelSpec, cross_entropy
+from diffusion_text.processes import conditioning
 
 Array = jax.Array
 
@@ -121,6 +122,10 @@ class Process(abc.ABC):
   """Abstract base: every family implements these methods."""
 
   vocab_size: int
+  # Chance a training sequence gets a random clean span as conditioning,
+  # left out of the loss (conditioning.py); > 0 makes `condition` impose
+  # clean values at every noise level, as in training.
+  train_conditioning: float = 0.0
 
   # ---- what the backbone must look like --------------------------------
   @property
@@ -222,6 +227,8 @@ class Process(abc.ABC):
   # the forward process is in at t (uniform noise: a clean token at high
   # noise is not one).
   IMPOSE_DRAWS: ClassVar[bool] = False
+  # Whether `train_conditioning` applies (not to the AR baseline).
+  TRAIN_CONDITIONING: ClassVar[bool] = True
 
   def impose(self, key: Array, denoiser: Denoiser, x_t: Array, t: Array,
              tokens: Array, cond_mask: Array) -> Array:
@@ -233,6 +240,40 @@ class Process(abc.ABC):
       t_B = jnp.full(tokens.shape[:1], t, jnp.float32)
       known = jnp.where(t > 0, self.corrupt(key, tokens, t_B), tokens)
     return jnp.where(cond_mask.astype(bool), known, x_t)
+
+  def clean_state(self, denoiser: Denoiser, tokens: Array) -> Array:
+    """x_0 as the network sees it: ids, or latents for the Gaussian ones."""
+    del denoiser
+    return tokens
+
+  def condition(self, key: Array, denoiser: Denoiser, x_t: Array, t: Array,
+                tokens: Array, cond_mask: Array) -> Array:
+    """The sampler's conditioning: clean states for a model trained with
+    `train_conditioning`, else `impose` (replacement)."""
+    if self.train_conditioning > 0:
+      return conditioning.with_clean(x_t, self.clean_state(denoiser, tokens),
+                                     cond_mask.astype(bool))
+    return self.impose(key, denoiser, x_t, t, tokens, cond_mask)
+
+  def train_loss(self, key: Array, denoiser: Denoiser, tokens: Array,
+                 mask: Array) -> LossOutput:
+    """`loss`, or with `train_conditioning` > 0 the loss of the free
+    positions given a random clean span (conditioning.py)."""
+    if self.train_conditioning == 0:
+      return self.loss(key, denoiser, tokens, mask)
+    if not self.TRAIN_CONDITIONING or not 0 < self.train_conditioning < 1:
+      raise ValueError(
+          f"train_conditioning={self.train_conditioning} for "
+          f"{type(self).__name__}: use a rate in [0, 1)"
+          + ("" if self.TRAIN_CONDITIONING else
+             " (0 here: its prefix conditioning is already exact)"))
+    span_key, loss_key = jax.random.split(key)
+    cond_BxL = conditioning.random_spans(span_key, tokens.shape,
+                                         self.train_conditioning)
+    clean = self.clean_state(denoiser, tokens)
+    wrapped = conditioning.clean_input_denoiser(denoiser, clean, cond_BxL)
+    return self.loss(loss_key, wrapped, tokens,
+                     mask.astype(bool) & ~cond_BxL)
 
   # ---- helpers -----------------------------------------------------------
   def options(self) -> dict[str, Any]:

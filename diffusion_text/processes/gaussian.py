@@ -374,6 +374,9 @@ class GaussianProcess(Process):
     del options
     return self.nearest_ids(denoiser, x0)
 
+  def clean_state(self, denoiser: Denoiser, tokens: Array) -> Array:
+    return denoiser.embed(tokens).astype(jnp.float32)
+
   def impose(self, key: Array, denoiser: Denoiser, x_t: Array, t: Array,
              tokens: Array, cond_mask: Array) -> Array:
     """Replacement conditioning: positions in cond_mask get a fresh draw of
