@@ -109,6 +109,8 @@ class SampleConfig:
   seed: int = 0                  # sampling PRNG seed
   temperature: float = 1.0       # softmax temperature where supported
   top_p: float = 1.0             # nucleus sampling where supported
+  top_k: int = 0                 # keep the k likeliest tokens (0: off)
+  float64: bool = True           # float64-resolution categorical draws
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,9 +37,9 @@ def assert_matches(freq, probs, n):
   assert np.all(np.abs(freq - probs) < 4.5 * sem + 1e-9), (freq, probs)
 
 
-@pytest.mark.parametrize("float64_sampling", [False, True])
-def test_masked_samples_are_valid_deterministic_and_follow_pi(float64_sampling):
-  run = masked_sampler(float64_sampling=float64_sampling)
+@pytest.mark.parametrize("float64", [False, True])
+def test_masked_samples_are_valid_deterministic_and_follow_pi(float64):
+  run = masked_sampler(options=SamplingOptions(float64=float64))
   log_pi = jnp.log(jnp.asarray(PI, jnp.float32))
   a = np.asarray(run(jax.random.key(0), log_pi))
   b = np.asarray(run(jax.random.key(0), log_pi))
@@ -119,7 +119,8 @@ def test_cached_sampler_is_exact_with_fewer_network_calls():
 def test_temperature_to_zero_gives_the_argmax():
   logits = jax.random.normal(jax.random.key(3), (L, V)) * 2.0
   argmax = np.asarray(jnp.argmax(logits, -1))
-  for temperature in (0.0, 1e-3):
+  # (the closest top-two gap is 0.002: at 1e-4 the runner-up has e^-20)
+  for temperature in (0.0, 1e-4):
     run = masked_sampler(num=8,
                          options=SamplingOptions(temperature=temperature))
     out = np.asarray(run(jax.random.key(0), logits))
@@ -227,3 +228,40 @@ def test_gaussian_decode_takes_the_nearest_embedding():
   # Off the table: (1.4, 0) is nearer to (1, 0) than to (2, 0).
   x = jnp.array([[[1.4, 0.0], [1.6, 0.1], [0.1, 0.4], [0.2, -3.0]]])
   np.testing.assert_array_equal(p.decode(den, x), [[0, 1, 2, 3]])
+
+
+def test_top_k_keeps_the_k_likeliest():
+  probs = np.array([0.05, 0.4, 0.3, 0.1, 0.05, 0.05, 0.03, 0.02])
+  run = masked_sampler(options=SamplingOptions(top_k=2))
+  out = np.asarray(run(jax.random.key(0), jnp.log(jnp.asarray(probs)))).ravel()
+  assert set(np.unique(out)) == {1, 2}
+  kept = probs[1:3] / probs[1:3].sum()
+  assert_matches(np.bincount(out, minlength=3)[1:3] / out.size, kept, out.size)
+  with pytest.raises(ValueError, match="top_k"):
+    SamplingOptions(top_k=-1)
+
+
+@pytest.mark.parametrize("float64", [False, True])
+def test_draws_follow_the_law_across_blocks_and_only_where_asked(float64):
+  from diffusion_text.processes import draws
+  # 300 classes span three blocks of the two-level draw; a tail class of
+  # mass 1e-3 in the last block must keep its share.
+  v, n = 300, 20000
+  probs = np.full(v, 1e-3 * 0.5 / 298)
+  probs[[3, 150, 299]] = [0.3, 0.2 - 1e-3 + 1e-3 * 0.5, 1e-3]
+  probs[0] = 1.0 - probs.sum() + probs[0]
+  options = SamplingOptions(float64=float64)
+  logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs, jnp.float32)), (n, v))
+  ids = np.asarray(jax.jit(lambda k: draws.draw(k, logits, options))(
+      jax.random.key(0)))
+  for c in (0, 3, 150, 299):
+    assert_matches(np.mean(ids == c), probs[c], n)
+  # draw_where: the gathered and the everywhere path agree position by
+  # position (per-position uniforms), and nothing is drawn off `where`.
+  logits_BxLxV = jax.random.normal(jax.random.key(1), (4, 32, v))
+  few = jax.random.uniform(jax.random.key(2), (4, 32)) < 0.1
+  got = draws.draw_where(jax.random.key(3), logits_BxLxV, few, options)
+  ref = draws.draw_where(jax.random.key(3), logits_BxLxV, few, options,
+                         capacity=128)
+  np.testing.assert_array_equal(got, ref)
+  assert (np.asarray(got)[~np.asarray(few)] == 0).all()

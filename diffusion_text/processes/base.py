@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from diffusion_text.contract import Denoiser, ModelSpec, cross_entropy
 from diffusion_text.processes import conditioning
+from diffusion_text.processes.draws import nucleus  # noqa: F401 (re-export)
 
 Array = jax.Array
 
@@ -71,16 +72,6 @@ def target_nll(denoiser: Denoiser, x_t: Array, t_B: Array,
   return cross_entropy(denoiser.predict(x_t, t_B), target_BxL)
 
 
-def nucleus(probs_BxLxV: Array, top_p: float) -> Array:
-  """Top-p (Holtzman et al. 2020): zero the tail outside the smallest set
-  of classes with mass >= top_p (ties at the threshold are all kept)."""
-  sorted_BxLxV = -jnp.sort(-probs_BxLxV, axis=-1)
-  mass_before = jnp.cumsum(sorted_BxLxV, axis=-1) - sorted_BxLxV
-  count_BxL = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1), 1)
-  threshold = jnp.take_along_axis(sorted_BxLxV, count_BxL[..., None] - 1, -1)
-  return jnp.where(probs_BxLxV >= threshold, probs_BxLxV, 0.0)
-
-
 def bound_as_loss(bound: Bound, mask_BxL: Array) -> LossOutput:
   """The training objective of processes trained on their bound itself
   (masked, SEDD, continuous-time Gaussian): the bound per token."""
@@ -104,17 +95,24 @@ class SamplingOptions:
   temperature: divides the logits of the sampled distribution (0: argmax),
       or for the continuous-time Gaussian process the score (PLAID).
   top_p: nucleus mass kept when drawing tokens (1: off).
+  top_k: keep only the k most likely tokens when drawing (0: off).
+  float64: categorical draws at float64 resolution (draws.py); False draws
+      with one float32 inverse CDF.
   """
 
   sampler: str = "default"
   temperature: float = 1.0
   top_p: float = 1.0
+  top_k: int = 0
+  float64: bool = True
 
   def __post_init__(self):
     if self.temperature < 0:
       raise ValueError(f"temperature must be >= 0, got {self.temperature}")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,11 +184,12 @@ class Process(abc.ABC):
       raise ValueError(
           f"unknown sampler {options.sampler!r} for {type(self).__name__}; "
           f"choose one of: default, {', '.join(names)}")
-    for knob in ("temperature", "top_p"):
-      if knob not in self.SAMPLING_KNOBS and getattr(options, knob) != 1.0:
+    for knob, off in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0)):
+      if knob not in self.SAMPLING_KNOBS and getattr(options, knob) != off:
         raise ValueError(
             f"{type(self).__name__} samplers do not support {knob}; leave "
-            f"it at 1.0 (supported: {', '.join(self.SAMPLING_KNOBS) or 'none'})")
+            f"it at {off} (supported: "
+            f"{', '.join(self.SAMPLING_KNOBS) or 'none'})")
     return name
 
   # Sampler-state protocol used by `diffusion_text.sampling`: a sampler that
