@@ -163,7 +163,8 @@ def test_prior_spec_and_registry():
   with pytest.raises(ValueError, match="default, ancestral, cached"):
     process.sampler(SamplingOptions(sampler="fast"))
   assert process.sampler(SamplingOptions()) == "ancestral"
-  assert process.sampler_names() == ("ancestral", "cached")
+  assert process.sampler_names() == ("ancestral", "cached", "confidence",
+                                     "margin", "entropy")
   with pytest.raises(ValueError, match="schedule"):
     MaskedProcess(vocab_size=V, schedule="nope")
 

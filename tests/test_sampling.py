@@ -265,3 +265,41 @@ def test_draws_follow_the_law_across_blocks_and_only_where_asked(float64):
                          capacity=128)
   np.testing.assert_array_equal(got, ref)
   assert (np.asarray(got)[~np.asarray(few)] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["confidence", "margin", "entropy"])
+def test_confidence_ordered_samplers_fill_everything_and_compile_once(name):
+  traces = []
+  logits = jax.random.normal(jax.random.key(4), (L, V)) * 2.0
+
+  def build(logits_LxV):
+    traces.append(1)
+    return constant_logits(logits_LxV)
+
+  process = MaskedProcess(vocab_size=V)
+  run = sampling.make_sampler(process, 8, L, 8, build_denoiser=build,
+                              options=SamplingOptions(sampler=name))
+  a = np.asarray(run(jax.random.key(0), logits))
+  b = np.asarray(run(jax.random.key(0), logits))
+  c = np.asarray(run(jax.random.key(1), logits + 0.0))
+  assert len(traces) == 1  # one compile for this (shape, steps)
+  np.testing.assert_array_equal(a, b)
+  assert a.min() >= 0 and a.max() < V and c.max() < V  # no [MASK] left
+  # Temperature 0: every position takes its argmax, whatever the order.
+  run0 = sampling.make_sampler(
+      process, 2, L, 8, build_denoiser=constant_logits,
+      options=SamplingOptions(sampler=name, temperature=0.0))
+  np.testing.assert_array_equal(run0(jax.random.key(0), logits),
+                                np.broadcast_to(np.argmax(logits, -1), (2, L)))
+
+
+def test_confidence_sampler_unmasks_the_most_confident_first():
+  # Position 0 is certain, the rest are uniform: with one token unmasked
+  # per step, the first step must pick position 0.
+  logits = jnp.zeros((4, V)).at[0, 3].set(20.0)
+  process = MaskedProcess(vocab_size=V)
+  x_T = jnp.full((2, 4), V, jnp.int32)
+  x_s = process.reverse_step(jax.random.key(0), constant_logits(logits), x_T,
+                             jnp.float32(1.0), jnp.float32(0.75),
+                             SamplingOptions(sampler="confidence"))
+  np.testing.assert_array_equal(x_s, [[3, V, V, V], [3, V, V, V]])

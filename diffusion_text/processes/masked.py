@@ -25,9 +25,13 @@ exactly 0 when alpha(1) = 0 (both schedules here, after clipping rounding).
 Sampling (`SamplingOptions`: sampler, temperature, top_k, top_p, float64):
 'ancestral' on any time grid (MDLM eq. 7 / MD4 Alg. 2), or 'cached' (MDLM
 sec. 4.2). Each step first decides which [MASK]s unmask, then draws tokens
-only there (`draws.draw_where`); 'cached' also skips the network call when
-none unmasks, which gives exactly the ancestral result with fewer calls (a
-step where nothing unmasks never reads the prediction). With
+only there (`draws.draw_where`); 'cached' also runs the network only on the
+sequences where a token unmasks (and skips the call when none does), which
+gives the ancestral result with less work (a sequence where nothing unmasks
+never reads its prediction; identical up to float rounding across batch
+sizes). 'confidence',
+'margin' and 'entropy' unmask the most confident positions first
+(masked_samplers.py; MaskGIT / LLaDA). With
 `time_conditioning=False` (MDLM's time-unconditioned models, sec. 4.2) the
 network always sees t = 0.
 """
@@ -40,7 +44,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from diffusion_text.processes import base, draws, transitions
+from diffusion_text.processes import base, draws, masked_samplers, transitions
 from diffusion_text.processes.base import SamplingOptions
 from diffusion_text.processes.schedules import (Schedule, check_schedule,
                                                 make_schedule)
@@ -58,7 +62,7 @@ class MaskedProcess(base.Process):
   num_steps: int = 128            # default number of sampler steps
   time_conditioning: bool = True  # False: the network sees t = 0 (exact caching)
 
-  SAMPLERS = ("ancestral", "cached")
+  SAMPLERS = ("ancestral", "cached") + tuple(masked_samplers.SCORES)
   SAMPLING_KNOBS = ("temperature", "top_k", "top_p")
 
   def __post_init__(self):
@@ -189,20 +193,38 @@ class MaskedProcess(base.Process):
 
   def _step(self, key: Array, denoiser: base.Denoiser, x_t: Array, t: Array,
             s: Array, options: SamplingOptions, lazy: bool) -> Array:
-    """Decide the unmasking first, then draw tokens only there; `lazy`
-    skips the network when no token changes (the result is the same)."""
+    """Decide the unmasking first, then draw tokens only there; `lazy` runs
+    the network only on the sequences where a token unmasks (none: no call),
+    which gives the same result."""
     self.sampler(options)  # validates the name and knobs
     unmask_key, token_key = jax.random.split(key)
     unmask_BxL = self.unmasking(unmask_key, x_t, t, s)
 
-    def fill():
-      x0_BxL = draws.draw_where(token_key, self.logits(denoiser, x_t, t),
-                                unmask_BxL, options)
+    def fill(logits_BxLxV):
+      x0_BxL = draws.draw_where(token_key, logits_BxLxV, unmask_BxL, options)
       return jnp.where(unmask_BxL, x0_BxL, x_t)
 
     if not lazy:
-      return fill()
-    return jax.lax.cond(jnp.any(unmask_BxL), fill, lambda: x_t)
+      return fill(self.logits(denoiser, x_t, t))
+    # Only the sequences where a token unmasks need the network: run it on
+    # the smallest bucket of rows (0, 1, 2, 4, ..., B) that holds them.
+    batch = x_t.shape[0]
+    changing_B = jnp.any(unmask_BxL, axis=-1)
+    buckets = sorted({0, batch} | {2 ** i for i in range(batch.bit_length())
+                                   if 2 ** i < batch})
+
+    def rows(size):
+      def branch():
+        rows_K = jnp.nonzero(changing_B, size=size, fill_value=batch)[0]
+        logits_KxLxV = self.logits(denoiser, x_t[jnp.minimum(rows_K,
+                                                             batch - 1)], t)
+        logits_BxLxV = jnp.zeros(x_t.shape + logits_KxLxV.shape[-1:],
+                                 logits_KxLxV.dtype)
+        return fill(logits_BxLxV.at[rows_K].set(logits_KxLxV, mode="drop"))
+      return branch if size else (lambda: x_t)
+
+    which = jnp.searchsorted(jnp.asarray(buckets), jnp.sum(changing_B))
+    return jax.lax.switch(which, [rows(size) for size in buckets])
 
   def reverse_step(self, key: Array, denoiser: base.Denoiser, x_t: Array,
                    t: Array, s: Array,
@@ -210,8 +232,11 @@ class MaskedProcess(base.Process):
     """One step t -> s; 'cached' calls the network only when a token
     unmasks (MDLM sec. 4.2's saving, exact for any network, since a step
     where nothing unmasks does not read the prediction)."""
-    lazy = self.sampler(options) == "cached"
-    return self._step(key, denoiser, x_t, t, s, options, lazy)
+    name = self.sampler(options)
+    if name in masked_samplers.SCORES:
+      return masked_samplers.confidence_step(self, key, denoiser, x_t, t, s,
+                                             options, name)
+    return self._step(key, denoiser, x_t, t, s, options, name == "cached")
 
   def decode(self, denoiser: base.Denoiser, x0: Array,
              options: SamplingOptions = SamplingOptions()) -> Array:
