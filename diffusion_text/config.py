@@ -111,6 +111,7 @@ class SampleConfig:
   top_p: float = 1.0             # nucleus sampling where supported
   top_k: int = 0                 # keep the k likeliest tokens (0: off)
   float64: bool = True           # float64-resolution categorical draws
+  block_length: int = 0          # semi-autoregressive blocks (0: off)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -303,3 +303,29 @@ def test_confidence_sampler_unmasks_the_most_confident_first():
                              jnp.float32(1.0), jnp.float32(0.75),
                              SamplingOptions(sampler="confidence"))
   np.testing.assert_array_equal(x_s, [[3, V, V, V], [3, V, V, V]])
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "confidence"])
+def test_semi_autoregressive_blocks_fill_left_to_right(sampler):
+  process = MaskedProcess(vocab_size=V)
+  options = SamplingOptions(sampler=sampler, block_length=4)
+  logits = jnp.log(jnp.asarray(PI, jnp.float32))
+  x = jnp.full((16, L), V, jnp.int32)
+  steps = 8  # 4 blocks of 4 positions, 2 steps each
+  grid = np.linspace(1.0, 0.0, steps + 1)
+  for i in range(steps):
+    x = process.reverse_step(jax.random.fold_in(jax.random.key(0), i),
+                             constant_logits(logits), x,
+                             jnp.float32(grid[i]), jnp.float32(grid[i + 1]),
+                             options)
+    done_blocks = (i + 1) // 2
+    filled = np.asarray(x != V)
+    assert filled[:, :4 * done_blocks].all(), (i, filled)  # blocks done
+    assert not filled[:, 4 * (done_blocks + (i % 2 == 0)):].any(), i  # waiting
+  out = np.asarray(sampling.make_sampler(process, 4, L, steps,
+                                         build_denoiser=constant_logits,
+                                         options=options)(jax.random.key(1),
+                                                          logits))
+  assert out.min() >= 0 and out.max() < V
+  with pytest.raises(ValueError, match="block_length"):
+    SamplingOptions(block_length=-1)

@@ -21,7 +21,8 @@ def sampling_options(sc: SampleConfig):
   """The sampler's options from the `sample` config section."""
   return processes.SamplingOptions(sampler=sc.sampler,
                                    temperature=sc.temperature, top_p=sc.top_p,
-                                   top_k=sc.top_k, float64=sc.float64)
+                                   top_k=sc.top_k, float64=sc.float64,
+                                   block_length=sc.block_length)
 
 
 def make_sampler(process, graphdef, sc: SampleConfig, length: int):

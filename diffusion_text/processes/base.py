@@ -98,6 +98,9 @@ class SamplingOptions:
   top_k: keep only the k most likely tokens when drawing (0: off).
   float64: categorical draws at float64 resolution (draws.py); False draws
       with one float32 inverse CDF.
+  block_length: semi-autoregressive sampling (0: off): the sequence is
+      generated in blocks of this many positions, left to right, each over
+      an equal share of the steps (LLaDA sec. 2.4; for long outputs).
   """
 
   sampler: str = "default"
@@ -105,6 +108,7 @@ class SamplingOptions:
   top_p: float = 1.0
   top_k: int = 0
   float64: bool = True
+  block_length: int = 0
 
   def __post_init__(self):
     if self.temperature < 0:
@@ -113,6 +117,9 @@ class SamplingOptions:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
     if self.top_k < 0:
       raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+    if self.block_length < 0:
+      raise ValueError(f"block_length must be >= 0 (0: off), got "
+                       f"{self.block_length}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +191,8 @@ class Process(abc.ABC):
       raise ValueError(
           f"unknown sampler {options.sampler!r} for {type(self).__name__}; "
           f"choose one of: default, {', '.join(names)}")
-    for knob, off in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0)):
+    for knob, off in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0),
+                      ("block_length", 0)):
       if knob not in self.SAMPLING_KNOBS and getattr(options, knob) != off:
         raise ValueError(
             f"{type(self).__name__} samplers do not support {knob}; leave "

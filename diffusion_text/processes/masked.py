@@ -63,7 +63,7 @@ class MaskedProcess(base.Process):
   time_conditioning: bool = True  # False: the network sees t = 0 (exact caching)
 
   SAMPLERS = ("ancestral", "cached") + tuple(masked_samplers.SCORES)
-  SAMPLING_KNOBS = ("temperature", "top_k", "top_p")
+  SAMPLING_KNOBS = ("temperature", "top_k", "top_p", "block_length")
 
   def __post_init__(self):
     check_schedule(self.schedule, process="masked")
@@ -183,13 +183,32 @@ class MaskedProcess(base.Process):
       return jax.nn.one_hot(jnp.argmax(logits_BxLxV, -1), self.vocab_size)
     return draws.filtered_probs(logits_BxLxV, options)
 
-  def unmasking(self, key: Array, x_t: Array, t: Array, s: Array) -> Array:
-    """MDLM eq. 7: which [MASK]s unmask from t to s, each with probability
-    (a_s - a_t) / (1 - a_t) -> bool [B, L]."""
-    m_s, m_t = self.mask_prob(s), self.mask_prob(t)
-    p_unmask = jnp.where(s <= 0.0, 1.0, (m_t - m_s) / m_t)
+  def unmask_share(self, t: Array, s: Array, length: int,
+                   options: SamplingOptions = SamplingOptions()) -> Array:
+    """MDLM eq. 7: the chance a [MASK] unmasks from t to s, (a_s - a_t) /
+    (1 - a_t), per position [L]. Semi-autoregressive (block_length > 0):
+    block j runs the whole schedule on its share [j/n, (j+1)/n) of 1 - t;
+    earlier blocks are done (1), later ones wait (0)."""
+    def share(t, s):
+      m_s, m_t = self.mask_prob(s), self.mask_prob(t)
+      return jnp.where(s <= 0.0, 1.0, (m_t - m_s) / m_t)
+    if not options.block_length:
+      return jnp.broadcast_to(share(t, s), (length,))
+    n = -(-length // options.block_length)
+    u_t = (1.0 - t) * n
+    block = jnp.clip(jnp.floor(u_t + 1e-4), 0, n - 1)
+    local_t = jnp.clip(1.0 - (u_t - block), 0.0, 1.0)
+    local_s = jnp.clip(1.0 - ((1.0 - s) * n - block), 0.0, 1.0)
+    block_L = jnp.arange(length) // options.block_length
+    return jnp.where(block_L == block, share(local_t, local_s),
+                     (block_L < block).astype(jnp.float32))
+
+  def unmasking(self, key: Array, x_t: Array, t: Array, s: Array,
+                options: SamplingOptions = SamplingOptions()) -> Array:
+    """Which [MASK]s unmask from t to s -> bool [B, L]."""
+    share_L = self.unmask_share(t, s, x_t.shape[1], options)
     return ((x_t == self.mask_id)
-            & (jax.random.uniform(key, x_t.shape) < p_unmask))
+            & (jax.random.uniform(key, x_t.shape) < share_L))
 
   def _step(self, key: Array, denoiser: base.Denoiser, x_t: Array, t: Array,
             s: Array, options: SamplingOptions, lazy: bool) -> Array:
@@ -198,7 +217,7 @@ class MaskedProcess(base.Process):
     which gives the same result."""
     self.sampler(options)  # validates the name and knobs
     unmask_key, token_key = jax.random.split(key)
-    unmask_BxL = self.unmasking(unmask_key, x_t, t, s)
+    unmask_BxL = self.unmasking(unmask_key, x_t, t, s, options)
 
     def fill(logits_BxLxV):
       x0_BxL = draws.draw_where(token_key, logits_BxLxV, unmask_BxL, options)

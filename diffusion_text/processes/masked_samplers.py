@@ -46,17 +46,17 @@ SCORES = {"confidence": _confidence, "margin": _margin,
 def confidence_step(process, key: Array, denoiser, x_t: Array, t: Array,
                     s: Array, options, score: str) -> Array:
   """One confidence-ordered step of `process` (a MaskedProcess) t -> s."""
+  share_L = process.unmask_share(t, s, x_t.shape[1], options)
   is_mask_BxL = x_t == process.mask_id
-  m_s, m_t = process.mask_prob(s), process.mask_prob(t)
-  share = jnp.where(s <= 0.0, 1.0, (m_t - m_s) / m_t)
-  count_B = jnp.round(jnp.sum(is_mask_BxL, -1) * share).astype(jnp.int32)
+  count_B = jnp.round(jnp.sum(is_mask_BxL * share_L, -1)).astype(jnp.int32)
   logits_BxLxV = process.logits(denoiser, x_t, t)
   x0_BxL = draws.draw_where(key, logits_BxLxV, is_mask_BxL, options,
                             capacity=is_mask_BxL.size)
   temperature = options.temperature or 1.0
   logp_BxLxV = jax.nn.log_softmax(logits_BxLxV / temperature, axis=-1)
-  score_BxL = jnp.where(is_mask_BxL, SCORES[score](logp_BxLxV, x0_BxL),
+  eligible_BxL = is_mask_BxL & (share_L > 0)  # semi-AR: this block only
+  score_BxL = jnp.where(eligible_BxL, SCORES[score](logp_BxLxV, x0_BxL),
                         -jnp.inf)
   rank_BxL = jnp.argsort(jnp.argsort(-score_BxL, axis=-1), axis=-1)
-  unmask_BxL = is_mask_BxL & (rank_BxL < count_B[:, None])
+  unmask_BxL = eligible_BxL & (rank_BxL < count_B[:, None])
   return jnp.where(unmask_BxL, x0_BxL, x_t)
