@@ -329,3 +329,13 @@ def test_semi_autoregressive_blocks_fill_left_to_right(sampler):
   assert out.min() >= 0 and out.max() < V
   with pytest.raises(ValueError, match="block_length"):
     SamplingOptions(block_length=-1)
+
+
+def test_gaussian_step_skipping_uses_trained_times():
+  from diffusion_text.processes import make_process
+  p = make_process("gaussian", vocab_size=4, latent_dim=2, num_steps=1000)
+  grid = np.asarray(p.time_grid(7, 16)) * 1000
+  np.testing.assert_allclose(grid, np.round(grid), atol=1e-3)
+  assert grid[0] == 1000 and grid[-1] == 0 and np.all(np.diff(grid) < 0)
+  with pytest.raises(ValueError, match="num_steps"):
+    p.time_grid(1001, 16)

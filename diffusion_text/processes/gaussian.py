@@ -354,6 +354,18 @@ class GaussianProcess(Process):
     return jnp.take(self.embedding_table(denoiser),
                     self.nearest_ids(denoiser, x), axis=0)
 
+  def time_grid(self, steps: int, length: int,
+                options: SamplingOptions = SamplingOptions()) -> Array:
+    """Step skipping: `steps` of the T trained times, evenly spaced (DDIM
+    sec. 4.2; Nichol & Dhariwal 2021 sec. 4 respacing), so the network is
+    only queried at times it was trained on. 1 ... 0."""
+    del length, options
+    if steps > self.num_steps:
+      raise ValueError(f"{steps} sampling steps > num_steps={self.num_steps}"
+                       ": the discrete chain has only T steps")
+    grid = jnp.linspace(1.0, 0.0, steps + 1) * self.num_steps
+    return jnp.round(grid) / self.num_steps
+
   def reverse_step(self, key: Array, denoiser: Denoiser, x_t: Array,
                    t: Array, s: Array,
                    options: SamplingOptions = SamplingOptions()) -> Array:
