@@ -341,9 +341,8 @@ class GaussianProcess(Process):
     return jax.random.normal(key, (*shape, self.latent_dim), jnp.float32)
 
   def nearest_ids(self, denoiser: Denoiser, x: Array) -> Array:
-    """Id of the embedding closest (L2) to each x [B, L, D] -> int32 [B, L]:
-    argmax of x.e - |e|^2 / 2 (the largest dot product alone favours long
-    embeddings)."""
+    """Id of the nearest (L2) embedding to x [B, L, D] -> int32 [B, L]:
+    argmax x.e - |e|^2 / 2 (x.e alone favours long embeddings)."""
     table_VxD = self.embedding_table(denoiser)
     score_BxLxV = (jnp.einsum("bld,vd->blv", x, table_VxD)
                    - 0.5 * jnp.sum(jnp.square(table_VxD), axis=-1))
@@ -356,15 +355,14 @@ class GaussianProcess(Process):
 
   def time_grid(self, steps: int, length: int,
                 options: SamplingOptions = SamplingOptions()) -> Array:
-    """Step skipping: `steps` of the T trained times, evenly spaced (DDIM
-    sec. 4.2; Nichol & Dhariwal 2021 sec. 4 respacing), so the network is
-    only queried at times it was trained on. 1 ... 0."""
+    """Step skipping: `steps` of the T trained times, evenly spaced, 1..0
+    (DDIM sec. 4.2; Nichol & Dhariwal 2021 sec. 4 respacing)."""
     del length, options
     if steps > self.num_steps:
       raise ValueError(f"{steps} sampling steps > num_steps={self.num_steps}"
                        ": the discrete chain has only T steps")
-    grid = jnp.linspace(1.0, 0.0, steps + 1) * self.num_steps
-    return jnp.round(grid) / self.num_steps
+    T = self.num_steps
+    return jnp.round(jnp.linspace(1.0, 0.0, steps + 1) * T) / T
 
   def reverse_step(self, key: Array, denoiser: Denoiser, x_t: Array,
                    t: Array, s: Array,
