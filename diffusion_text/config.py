@@ -112,6 +112,7 @@ class SampleConfig:
   top_k: int = 0                 # keep the k likeliest tokens (0: off)
   float64: bool = True           # float64-resolution categorical draws
   block_length: int = 0          # semi-autoregressive blocks (0: off)
+  remask_eta: float = 0.02       # ReMDM samplers' eta (remdm_cap/rescale)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -164,7 +164,8 @@ def test_prior_spec_and_registry():
     process.sampler(SamplingOptions(sampler="fast"))
   assert process.sampler(SamplingOptions()) == "ancestral"
   assert process.sampler_names() == ("ancestral", "cached", "confidence",
-                                     "margin", "entropy")
+                                     "margin", "entropy", "remdm_cap",
+                                     "remdm_rescale")
   with pytest.raises(ValueError, match="schedule"):
     MaskedProcess(vocab_size=V, schedule="nope")
 

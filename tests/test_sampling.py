@@ -339,3 +339,27 @@ def test_gaussian_step_skipping_uses_trained_times():
   assert grid[0] == 1000 and grid[-1] == 0 and np.all(np.diff(grid) < 0)
   with pytest.raises(ValueError, match="num_steps"):
     p.time_grid(1001, 16)
+
+
+@pytest.mark.parametrize("name", ["remdm_cap", "remdm_rescale"])
+def test_remdm_remasks_and_reduces_to_ancestral_at_eta_zero(name):
+  logits = jax.random.normal(jax.random.key(6), (L, V))
+  outs = {}
+  for label, options in (
+      ("ancestral", SamplingOptions()),
+      ("eta0", SamplingOptions(sampler=name, remask_eta=0.0)),
+      ("remdm", SamplingOptions(sampler=name, remask_eta=0.5))):
+    outs[label] = np.asarray(masked_sampler(steps=16, num=16,
+                                            options=options)(
+                                                jax.random.key(9), logits))
+  np.testing.assert_array_equal(outs["eta0"], outs["ancestral"])
+  assert outs["remdm"].min() >= 0 and outs["remdm"].max() < V  # no [MASK]
+  assert (outs["remdm"] != outs["ancestral"]).any()
+  # A step from a fully unmasked state remasks about sigma of the tokens.
+  process = MaskedProcess(vocab_size=V)
+  x = jnp.zeros((64, L), jnp.int32)
+  x_s = process.reverse_step(jax.random.key(0), constant_logits(logits), x,
+                             jnp.float32(0.5), jnp.float32(0.25),
+                             SamplingOptions(sampler=name, remask_eta=0.5))
+  sigma = 0.5 if name == "remdm_cap" else 0.5 * min(1.0, 0.25 / 0.5)
+  assert abs(float(np.mean(np.asarray(x_s) == V)) - sigma) < 0.05

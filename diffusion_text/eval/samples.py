@@ -22,7 +22,8 @@ def sampling_options(sc: SampleConfig):
   return processes.SamplingOptions(sampler=sc.sampler,
                                    temperature=sc.temperature, top_p=sc.top_p,
                                    top_k=sc.top_k, float64=sc.float64,
-                                   block_length=sc.block_length)
+                                   block_length=sc.block_length,
+                                   remask_eta=sc.remask_eta)
 
 
 def make_sampler(process, graphdef, sc: SampleConfig, length: int):

@@ -98,6 +98,8 @@ class SamplingOptions:
   top_k: keep only the k most likely tokens when drawing (0: off).
   float64: categorical draws at float64 resolution (draws.py); False draws
       with one float32 inverse CDF.
+  remask_eta: eta of the ReMDM remasking samplers (the cap, or the share
+      of sigma_max); read by those samplers only.
   block_length: semi-autoregressive sampling (0: off): the sequence is
       generated in blocks of this many positions, left to right, each over
       an equal share of the steps (LLaDA sec. 2.4; for long outputs).
@@ -109,6 +111,7 @@ class SamplingOptions:
   top_k: int = 0
   float64: bool = True
   block_length: int = 0
+  remask_eta: float = 0.02
 
   def __post_init__(self):
     if self.temperature < 0:
@@ -117,6 +120,8 @@ class SamplingOptions:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
     if self.top_k < 0:
       raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+    if not 0.0 <= self.remask_eta <= 1.0:
+      raise ValueError(f"remask_eta must be in [0, 1], got {self.remask_eta}")
     if self.block_length < 0:
       raise ValueError(f"block_length must be >= 0 (0: off), got "
                        f"{self.block_length}")

@@ -31,7 +31,8 @@ gives the ancestral result with less work (a sequence where nothing unmasks
 never reads its prediction; identical up to float rounding across batch
 sizes). 'confidence',
 'margin' and 'entropy' unmask the most confident positions first
-(masked_samplers.py; MaskGIT / LLaDA). With
+(masked_samplers.py; MaskGIT / LLaDA); 'remdm_cap' and 'remdm_rescale'
+may remask generated tokens (ReMDM). With
 `time_conditioning=False` (MDLM's time-unconditioned models, sec. 4.2) the
 network always sees t = 0.
 """
@@ -62,7 +63,8 @@ class MaskedProcess(base.Process):
   num_steps: int = 128            # default number of sampler steps
   time_conditioning: bool = True  # False: the network sees t = 0 (exact caching)
 
-  SAMPLERS = ("ancestral", "cached") + tuple(masked_samplers.SCORES)
+  SAMPLERS = (("ancestral", "cached") + tuple(masked_samplers.SCORES)
+              + tuple(masked_samplers.REMASKING))
   SAMPLING_KNOBS = ("temperature", "top_k", "top_p", "block_length")
 
   def __post_init__(self):
@@ -252,6 +254,9 @@ class MaskedProcess(base.Process):
     unmasks (MDLM sec. 4.2's saving, exact for any network, since a step
     where nothing unmasks does not read the prediction)."""
     name = self.sampler(options)
+    if name in masked_samplers.REMASKING:
+      return masked_samplers.remdm_step(self, key, denoiser, x_t, t, s,
+                                        options, name)
     if name in masked_samplers.SCORES:
       return masked_samplers.confidence_step(self, key, denoiser, x_t, t, s,
                                              options, name)

@@ -60,3 +60,35 @@ def confidence_step(process, key: Array, denoiser, x_t: Array, t: Array,
   rank_BxL = jnp.argsort(jnp.argsort(-score_BxL, axis=-1), axis=-1)
   unmask_BxL = eligible_BxL & (rank_BxL < count_B[:, None])
   return jnp.where(unmask_BxL, x0_BxL, x_t)
+
+
+# ReMDM (Wang et al. 2025, sec. 3 and 4.1): the remasking posterior
+#   unmasked z_t: stays w.p. 1 - sigma_t, remasks w.p. sigma_t;
+#   [MASK]: unmasks to x w.p. (a_s - (1 - sigma_t) a_t) / (1 - a_t),
+# with 0 <= sigma_t <= sigma_max = min(1, (1 - a_s) / a_t), so generated
+# tokens can be revised. Schedules for sigma_t, by sampler name:
+REMASKING = {
+    "remdm_cap": lambda eta, sigma_max: jnp.minimum(eta, sigma_max),
+    "remdm_rescale": lambda eta, sigma_max: eta * sigma_max,
+}
+
+
+def remdm_step(process, key: Array, denoiser, x_t: Array, t: Array,
+               s: Array, options, strategy: str) -> Array:
+  """One ReMDM step t -> s of `process` (a MaskedProcess); sigma_t = 0
+  (eta = 0) is exactly the ancestral step, key for key."""
+  unmask_key, token_key = jax.random.split(key)
+  a_t, a_s = process.alpha(t), process.alpha(s)
+  sigma_max = jnp.minimum(1.0, process.mask_prob(s) / jnp.maximum(a_t, 1e-12))
+  sigma = jnp.where(s <= 0.0, 0.0,
+                    REMASKING[strategy](options.remask_eta, sigma_max))
+  p_unmask = jnp.where(s <= 0.0, 1.0,
+                       (a_s - (1.0 - sigma) * a_t) / process.mask_prob(t))
+  is_mask_BxL = x_t == process.mask_id
+  coin_BxL = jax.random.uniform(unmask_key, x_t.shape)
+  unmask_BxL = is_mask_BxL & (coin_BxL < p_unmask)
+  remask_BxL = ~is_mask_BxL & (coin_BxL < sigma)
+  x0_BxL = draws.draw_where(token_key, process.logits(denoiser, x_t, t),
+                            unmask_BxL, options)
+  x_s = jnp.where(unmask_BxL, x0_BxL, x_t)
+  return jnp.where(remask_BxL, process.mask_id, x_s)
