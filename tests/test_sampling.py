@@ -267,8 +267,8 @@ def test_draws_follow_the_law_across_blocks_and_only_where_asked(float64):
   assert (np.asarray(got)[~np.asarray(few)] == 0).all()
 
 
-@pytest.mark.parametrize("name", ["confidence", "margin", "entropy"])
-def test_confidence_ordered_samplers_fill_everything_and_compile_once(name):
+@pytest.mark.parametrize("name", MaskedProcess.SAMPLERS)
+def test_every_masked_sampler_fills_everything_and_compiles_once(name):
   traces = []
   logits = jax.random.normal(jax.random.key(4), (L, V)) * 2.0
 
