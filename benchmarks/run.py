@@ -43,7 +43,8 @@ from diffusion_text.models import as_denoiser, count_params
 # Sampler variants per process: (label, value of the sampler choice or None
 # for a process with a single sampler).
 SAMPLERS: dict[str, tuple[tuple[str, Optional[str]], ...]] = {
-    "masked": (("ancestral", "ancestral"), ("cached", "cached")),
+    "masked": (("ancestral", "ancestral"), ("cached", "cached"),
+               ("confidence", "confidence")),
     "sedd_absorb": (("euler", "euler"), ("analytic", "analytic")),
     "sedd_uniform": (("euler", "euler"), ("analytic", "analytic")),
     "d3pm_absorbing": (("ancestral", None),),

@@ -18,7 +18,7 @@ def _common_data_flags(p: argparse.ArgumentParser) -> None:
                  "checkout, else ~/.cache/diffusion_text); sets data.cache_dir")
   p.add_argument("--set", dest="overrides", action="append", default=[],
                  metavar="KEY=VALUE", help="dotted config override, e.g. "
-                 "train.steps=200 or process.schedule=cosine (repeatable)")
+                 "train.steps=200 or process.schedule=cosine_alpha (repeatable)")
 
 
 def _compare_parser(sub) -> argparse.ArgumentParser:
@@ -113,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--infill", help='template with ___ gaps, e.g. "A ___ B"')
   s.add_argument("--temperature", type=float)
   s.add_argument("--top-p", type=float)
+  s.add_argument("--top-k", type=int, help="keep the k likeliest tokens "
+                 "(0: off)")
   s.add_argument("--sampler", help="sampler variant where the process has "
                  "several (e.g. ddpm/ddim, ancestral/cached, euler/analytic)")
   s.add_argument("--no-ema", action="store_true")
@@ -137,7 +139,7 @@ SHORTHAND = {
     "sample": {"num": "sample.num", "steps": "sample.steps",
                "length": "sample.length", "seed": "sample.seed",
                "temperature": "sample.temperature", "top_p": "sample.top_p",
-               "sampler": "sample.sampler"},
+               "top_k": "sample.top_k", "sampler": "sample.sampler"},
 }
 
 

@@ -3,7 +3,7 @@
 A run is fully described by one `Config`. Presets live in `experiments/`
 (one module per paper row, each with a `config()` function). Command-line
 overrides are `key=value` with dotted keys, e.g. `train.steps=200` or
-`process.schedule=cosine` (keys under `process.` other than `name` are the
+`process.schedule=cosine_alpha` (keys under `process.` other than `name` are the
 process's own options; run.check_process validates them against the
 process registry, so this module imports no other part of the package but
 `fields`, which holds each field's declared range: `spec`).
@@ -128,6 +128,10 @@ class SampleConfig:
   seed: int = spec(0, lo=0)  # sampling PRNG seed
   temperature: float = spec(1.0, lo=0)  # softmax temperature where supported
   top_p: float = spec(1.0, lo=0, hi=1, lo_open=True)  # nucleus sampling where supported
+  top_k: int = spec(0, lo=0)  # keep the k likeliest tokens (0: off)
+  float64: bool = True           # float64-resolution categorical draws
+  block_length: int = spec(0, lo=0)  # semi-autoregressive blocks (0: off)
+  remask_eta: float = spec(0.02, lo=0)  # ReMDM samplers' eta (remdm_cap/rescale)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,8 +20,9 @@ last prediction to skip network calls):
 which by default carries nothing and calls `reverse_step`.
 
 Conditioning (prompts, infilling) is a pair `cond_tokens`, `cond_mask` of
-shape [length] or [num, length]; the process's `impose` sets the positions in
-`cond_mask` to their values under q(x_t | tokens) after every step.
+shape [length] or [num, length]; the process's `condition` sets the positions
+in `cond_mask` after every step: to a draw of q(x_t | tokens) (`impose`), or
+to the clean values for a model trained with `train_conditioning`.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def sample(key: Array, process: Process, denoiser: Denoiser, num: int,
   def impose(i, x, t):
     if not conditioned:
       return x
-    return process.impose(jax.random.fold_in(impose_key, i), denoiser, x, t,
-                          cond_tokens, cond_mask)
+    return process.condition(jax.random.fold_in(impose_key, i), denoiser, x,
+                             t, cond_tokens, cond_mask)
 
   x = impose(0, process.prior(prior_key, (num, length)), grid_T[0])
   state = process.init_sampler_state(x, options)

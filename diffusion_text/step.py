@@ -71,7 +71,7 @@ def _loss_and_grads(params, batch: dict, key: jax.Array, *, graphdef,
                     process: Process):
   def loss_fn(params):
     denoiser = as_denoiser(nnx.merge(graphdef, params))
-    out = process.loss(key, denoiser, batch["tokens"], batch["mask"])
+    out = process.train_loss(key, denoiser, batch["tokens"], batch["mask"])
     return out.loss, out.metrics
 
   return jax.value_and_grad(loss_fn, has_aux=True)(params)

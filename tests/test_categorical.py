@@ -41,7 +41,7 @@ def test_registry_defaults_and_model_spec():
   uni = make_process("d3pm_uniform", vocab_size=V)
   ab = make_process("d3pm_absorbing", vocab_size=V)
   assert uni.num_steps == 1000
-  assert (uni.schedule, ab.schedule) == ("cosine", "linear")
+  assert (uni.schedule, ab.schedule) == ("cosine_alpha", "linear")
   assert uni.model_spec.input_vocab == V and ab.model_spec.input_vocab == V + 1
   assert uni.model_spec.output_dim == ab.model_spec.output_dim == V
   hash(uni), hash(ab)

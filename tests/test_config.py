@@ -25,12 +25,12 @@ def test_overrides_are_typed():
   cfg = config_lib.apply_overrides(
       config_lib.load_preset("synthetic_masked"),
       ["train.steps=7", "train.lr=0.5", "model.remat=true",
-       "data.path=none", "process.schedule=cosine"])
+       "data.path=none", "process.schedule=cosine_alpha"])
   assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
   assert cfg.train.lr == 0.5
   assert cfg.model.remat is True
   assert cfg.data.path is None
-  assert cfg.process.options["schedule"] == "cosine"
+  assert cfg.process.options["schedule"] == "cosine_alpha"
 
 
 @pytest.mark.parametrize("override, words", [

@@ -28,7 +28,7 @@ def iid_tokens(seed=0):
   return jnp.asarray(rng.choice(V, size=(B, L), p=PI), jnp.int32)
 
 
-@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("schedule", ["linear", "cosine_alpha"])
 def test_oracle_elbo_is_tight_at_the_entropy(schedule):
   """With the exact posterior (i.i.d. data: p(x0_i | x_t) = pi) the masked
   ELBO equals sum_i -log pi(x0_i) in expectation, i.e. L * H(pi)."""
@@ -72,7 +72,7 @@ def test_antithetic_times_are_stratified_over_0_1():
   assert abs(t2.mean() - 0.5) < 0.02
 
 
-@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("schedule", ["linear", "cosine_alpha"])
 def test_loss_weight_matches_finite_differences(schedule):
   process = MaskedProcess(vocab_size=V, schedule=schedule)
   t = jnp.linspace(0.05, 0.95, 19)
@@ -110,7 +110,7 @@ def test_padding_is_ignored_and_loss_is_the_bound_per_token():
 
 
 def test_corrupt_masks_at_rate_one_minus_alpha():
-  process = MaskedProcess(vocab_size=V, schedule="cosine")
+  process = MaskedProcess(vocab_size=V, schedule="cosine_alpha")
   x0 = jnp.zeros((2, 4096), jnp.int32) + 5
   t = jnp.array([0.2, 0.7])
   x_t = np.asarray(process.corrupt(jax.random.key(0), x0, t))
@@ -120,7 +120,7 @@ def test_corrupt_masks_at_rate_one_minus_alpha():
 
 
 def test_posterior_matches_bayes_by_brute_force():
-  process = MaskedProcess(vocab_size=4, schedule="cosine")
+  process = MaskedProcess(vocab_size=4, schedule="cosine_alpha")
   s, t = 0.3, 0.8
   x0 = jnp.arange(4)
   q_s = np.asarray(process.marginal_probs(x0, s))    # q(x_s | x0) [4, 5]
@@ -153,7 +153,7 @@ def test_reverse_step_unmasks_at_the_right_rate_and_carries_over():
 
 
 def test_prior_spec_and_registry():
-  for schedule in ("linear", "cosine"):
+  for schedule in ("linear", "cosine_alpha"):
     process = make_process("masked", vocab_size=V, schedule=schedule)
     x = process.prior(jax.random.key(0), (2, L))
     np.testing.assert_array_equal(x, V)
@@ -163,7 +163,9 @@ def test_prior_spec_and_registry():
   with pytest.raises(ValueError, match="default, ancestral, cached"):
     process.sampler(SamplingOptions(sampler="fast"))
   assert process.sampler(SamplingOptions()) == "ancestral"
-  assert process.sampler_names() == ("ancestral", "cached")
+  assert process.sampler_names() == ("ancestral", "cached", "confidence",
+                                     "margin", "entropy", "remdm_cap",
+                                     "remdm_rescale")
   with pytest.raises(ValueError, match="schedule"):
     MaskedProcess(vocab_size=V, schedule="nope")
 

@@ -37,9 +37,9 @@ def assert_matches(freq, probs, n):
   assert np.all(np.abs(freq - probs) < 4.5 * sem + 1e-9), (freq, probs)
 
 
-@pytest.mark.parametrize("float64_sampling", [False, True])
-def test_masked_samples_are_valid_deterministic_and_follow_pi(float64_sampling):
-  run = masked_sampler(float64_sampling=float64_sampling)
+@pytest.mark.parametrize("float64", [False, True])
+def test_masked_samples_are_valid_deterministic_and_follow_pi(float64):
+  run = masked_sampler(options=SamplingOptions(float64=float64))
   log_pi = jnp.log(jnp.asarray(PI, jnp.float32))
   a = np.asarray(run(jax.random.key(0), log_pi))
   b = np.asarray(run(jax.random.key(0), log_pi))
@@ -119,7 +119,8 @@ def test_cached_sampler_is_exact_with_fewer_network_calls():
 def test_temperature_to_zero_gives_the_argmax():
   logits = jax.random.normal(jax.random.key(3), (L, V)) * 2.0
   argmax = np.asarray(jnp.argmax(logits, -1))
-  for temperature in (0.0, 1e-3):
+  # (the closest top-two gap is 0.002: at 1e-4 the runner-up has e^-20)
+  for temperature in (0.0, 1e-4):
     run = masked_sampler(num=8,
                          options=SamplingOptions(temperature=temperature))
     out = np.asarray(run(jax.random.key(0), logits))
@@ -214,3 +215,151 @@ def test_time_unconditioned_network_makes_caching_exact():
   got = p.nll_bound(jax.random.key(0), build(logits), tokens,
                     jnp.ones_like(tokens)).nats
   np.testing.assert_allclose(got, fixed, rtol=1e-6)
+
+
+def test_gaussian_decode_takes_the_nearest_embedding():
+  # The largest dot product would send embedding 0 = (1, 0) to 1 = (2, 0).
+  from diffusion_text.processes import make_process
+  table = jnp.array([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+  p = make_process("gaussian", vocab_size=4, latent_dim=2)
+  den = Denoiser(predict=None, embed=lambda ids: table[ids])
+  ids = jnp.array([[0, 1, 2, 3]])
+  np.testing.assert_array_equal(p.decode(den, table[ids]), [[0, 1, 2, 3]])
+  # Off the table: (1.4, 0) is nearer to (1, 0) than to (2, 0).
+  x = jnp.array([[[1.4, 0.0], [1.6, 0.1], [0.1, 0.4], [0.2, -3.0]]])
+  np.testing.assert_array_equal(p.decode(den, x), [[0, 1, 2, 3]])
+
+
+def test_top_k_keeps_the_k_likeliest():
+  probs = np.array([0.05, 0.4, 0.3, 0.1, 0.05, 0.05, 0.03, 0.02])
+  run = masked_sampler(options=SamplingOptions(top_k=2))
+  out = np.asarray(run(jax.random.key(0), jnp.log(jnp.asarray(probs)))).ravel()
+  assert set(np.unique(out)) == {1, 2}
+  kept = probs[1:3] / probs[1:3].sum()
+  assert_matches(np.bincount(out, minlength=3)[1:3] / out.size, kept, out.size)
+  with pytest.raises(ValueError, match="top_k"):
+    SamplingOptions(top_k=-1)
+
+
+@pytest.mark.parametrize("float64", [False, True])
+def test_draws_follow_the_law_across_blocks_and_only_where_asked(float64):
+  from diffusion_text.processes import draws
+  # 300 classes span three blocks of the two-level draw; a tail class of
+  # mass 1e-3 in the last block must keep its share.
+  v, n = 300, 20000
+  probs = np.full(v, 1e-3 * 0.5 / 298)
+  probs[[3, 150, 299]] = [0.3, 0.2 - 1e-3 + 1e-3 * 0.5, 1e-3]
+  probs[0] = 1.0 - probs.sum() + probs[0]
+  options = SamplingOptions(float64=float64)
+  logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs, jnp.float32)), (n, v))
+  ids = np.asarray(jax.jit(lambda k: draws.draw(k, logits, options))(
+      jax.random.key(0)))
+  for c in (0, 3, 150, 299):
+    assert_matches(np.mean(ids == c), probs[c], n)
+  # draw_where: the gathered and the everywhere path agree position by
+  # position (per-position uniforms), and nothing is drawn off `where`.
+  logits_BxLxV = jax.random.normal(jax.random.key(1), (4, 32, v))
+  few = jax.random.uniform(jax.random.key(2), (4, 32)) < 0.1
+  got = draws.draw_where(jax.random.key(3), logits_BxLxV, few, options)
+  ref = draws.draw_where(jax.random.key(3), logits_BxLxV, few, options,
+                         capacity=128)
+  np.testing.assert_array_equal(got, ref)
+  assert (np.asarray(got)[~np.asarray(few)] == 0).all()
+
+
+@pytest.mark.parametrize("name", MaskedProcess.SAMPLERS)
+def test_every_masked_sampler_fills_everything_and_compiles_once(name):
+  traces = []
+  logits = jax.random.normal(jax.random.key(4), (L, V)) * 2.0
+
+  def build(logits_LxV):
+    traces.append(1)
+    return constant_logits(logits_LxV)
+
+  process = MaskedProcess(vocab_size=V)
+  run = sampling.make_sampler(process, 8, L, 8, build_denoiser=build,
+                              options=SamplingOptions(sampler=name))
+  a = np.asarray(run(jax.random.key(0), logits))
+  b = np.asarray(run(jax.random.key(0), logits))
+  c = np.asarray(run(jax.random.key(1), logits + 0.0))
+  assert len(traces) == 1  # one compile for this (shape, steps)
+  np.testing.assert_array_equal(a, b)
+  assert a.min() >= 0 and a.max() < V and c.max() < V  # no [MASK] left
+  # Temperature 0: every position takes its argmax, whatever the order.
+  run0 = sampling.make_sampler(
+      process, 2, L, 8, build_denoiser=constant_logits,
+      options=SamplingOptions(sampler=name, temperature=0.0))
+  np.testing.assert_array_equal(run0(jax.random.key(0), logits),
+                                np.broadcast_to(np.argmax(logits, -1), (2, L)))
+
+
+def test_confidence_sampler_unmasks_the_most_confident_first():
+  # Position 0 is certain, the rest are uniform: with one token unmasked
+  # per step, the first step must pick position 0.
+  logits = jnp.zeros((4, V)).at[0, 3].set(20.0)
+  process = MaskedProcess(vocab_size=V)
+  x_T = jnp.full((2, 4), V, jnp.int32)
+  x_s = process.reverse_step(jax.random.key(0), constant_logits(logits), x_T,
+                             jnp.float32(1.0), jnp.float32(0.75),
+                             SamplingOptions(sampler="confidence"))
+  np.testing.assert_array_equal(x_s, [[3, V, V, V], [3, V, V, V]])
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "confidence"])
+def test_semi_autoregressive_blocks_fill_left_to_right(sampler):
+  process = MaskedProcess(vocab_size=V)
+  options = SamplingOptions(sampler=sampler, block_length=4)
+  logits = jnp.log(jnp.asarray(PI, jnp.float32))
+  x = jnp.full((16, L), V, jnp.int32)
+  steps = 8  # 4 blocks of 4 positions, 2 steps each
+  grid = np.linspace(1.0, 0.0, steps + 1)
+  for i in range(steps):
+    x = process.reverse_step(jax.random.fold_in(jax.random.key(0), i),
+                             constant_logits(logits), x,
+                             jnp.float32(grid[i]), jnp.float32(grid[i + 1]),
+                             options)
+    done_blocks = (i + 1) // 2
+    filled = np.asarray(x != V)
+    assert filled[:, :4 * done_blocks].all(), (i, filled)  # blocks done
+    assert not filled[:, 4 * (done_blocks + (i % 2 == 0)):].any(), i  # waiting
+  out = np.asarray(sampling.make_sampler(process, 4, L, steps,
+                                         build_denoiser=constant_logits,
+                                         options=options)(jax.random.key(1),
+                                                          logits))
+  assert out.min() >= 0 and out.max() < V
+  with pytest.raises(ValueError, match="block_length"):
+    SamplingOptions(block_length=-1)
+
+
+def test_gaussian_step_skipping_uses_trained_times():
+  from diffusion_text.processes import make_process
+  p = make_process("gaussian", vocab_size=4, latent_dim=2, num_steps=1000)
+  grid = np.asarray(p.time_grid(7, 16)) * 1000
+  np.testing.assert_allclose(grid, np.round(grid), atol=1e-3)
+  assert grid[0] == 1000 and grid[-1] == 0 and np.all(np.diff(grid) < 0)
+  with pytest.raises(ValueError, match="num_steps"):
+    p.time_grid(1001, 16)
+
+
+@pytest.mark.parametrize("name", ["remdm_cap", "remdm_rescale"])
+def test_remdm_remasks_and_reduces_to_ancestral_at_eta_zero(name):
+  logits = jax.random.normal(jax.random.key(6), (L, V))
+  outs = {}
+  for label, options in (
+      ("ancestral", SamplingOptions()),
+      ("eta0", SamplingOptions(sampler=name, remask_eta=0.0)),
+      ("remdm", SamplingOptions(sampler=name, remask_eta=0.5))):
+    outs[label] = np.asarray(masked_sampler(steps=16, num=16,
+                                            options=options)(
+                                                jax.random.key(9), logits))
+  np.testing.assert_array_equal(outs["eta0"], outs["ancestral"])
+  assert outs["remdm"].min() >= 0 and outs["remdm"].max() < V  # no [MASK]
+  assert (outs["remdm"] != outs["ancestral"]).any()
+  # A step from a fully unmasked state remasks about sigma of the tokens.
+  process = MaskedProcess(vocab_size=V)
+  x = jnp.zeros((64, L), jnp.int32)
+  x_s = process.reverse_step(jax.random.key(0), constant_logits(logits), x,
+                             jnp.float32(0.5), jnp.float32(0.25),
+                             SamplingOptions(sampler=name, remask_eta=0.5))
+  sigma = 0.5 if name == "remdm_cap" else 0.5 * min(1.0, 0.25 / 0.5)
+  assert abs(float(np.mean(np.asarray(x_s) == V)) - sigma) < 0.05

@@ -12,7 +12,8 @@ from diffusion_text.processes import schedules
 # name -> (alpha(0), alpha(1)) as each schedule's docstring states them.
 ENDS = {
     "linear": (1.0, 0.0),
-    "cosine": (1.0, 0.0),
+    "cosine_alpha": (1.0, 0.0),
+    "md4_cosine": (1.0 - 1e-4, 1e-4),     # eps
     "cosine_vp": (1.0, 1e-5),            # clipped at min_alpha
     "linear_beta": (1.0, float(np.exp(-10.05))),  # exp(-int beta), T = 1000
     "loglinear": (1.0, 1e-3),            # eps
@@ -64,7 +65,7 @@ class ScheduleTest(chex.TestCase):
 def test_stable_complements_where_one_minus_alpha_rounds_to_zero():
   # float32 cos(pi/2 t) == 1 below t ~ 3e-4; the complement must not be 0.
   t = jnp.float32(1e-5)
-  for name in ("linear", "cosine", "loglinear", "geometric"):
+  for name in ("linear", "cosine_alpha", "loglinear", "geometric"):
     assert float(schedules.make_schedule(name).one_minus_alpha(t)) > 0, name
 
 
@@ -76,3 +77,19 @@ def test_parameters_reach_the_schedule_and_unknown_names_fail():
     schedules.make_schedule("nope")
   with pytest.raises(ValueError, match="for process 'x'; choose one of: a"):
     schedules.check_schedule("linear", ("a",), "x")
+
+
+def test_md4_cosine_is_the_md4_formula_and_cosine_alpha_keeps_cos():
+  t = np.linspace(0.0, 1.0, 11)
+  eps = 1e-4
+  md4 = schedules.make_schedule("md4_cosine")
+  expect = eps + (1 - 2 * eps) * (1 - np.cos(np.pi / 2 * (1 - t)))
+  np.testing.assert_allclose(md4.alpha(jnp.asarray(t, jnp.float32)), expect,
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      schedules.make_schedule("cosine_alpha").alpha(jnp.asarray(t, jnp.float32)),
+      np.cos(np.pi / 2 * t), atol=1e-6)
+  # The two differ in the middle: labels matter.
+  assert abs(float(md4.alpha(jnp.float32(0.5))) - np.cos(np.pi / 4)) > 0.4
+  with pytest.raises(ValueError, match="renamed.*cosine_alpha.*md4_cosine"):
+    schedules.make_schedule("cosine")

@@ -304,7 +304,7 @@ def test_options_are_validated():
   with pytest.raises(ValueError, match="temperature"):
     _process("sedd_absorb").sampler(SamplingOptions(temperature=0.5))
   with pytest.raises(ValueError, match="schedule.*loglinear, geometric"):
-    _process("sedd_uniform", schedule="cosine")
+    _process("sedd_uniform", schedule="cosine_alpha")
   with pytest.raises(ValueError, match="eps"):
     _process("sedd_uniform", eps=0.0)
   spec = _process("sedd_absorb").model_spec

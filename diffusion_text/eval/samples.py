@@ -20,7 +20,10 @@ from diffusion_text.models import as_denoiser
 def sampling_options(sc: SampleConfig):
   """The sampler's options from the `sample` config section."""
   return processes.SamplingOptions(sampler=sc.sampler,
-                                   temperature=sc.temperature, top_p=sc.top_p)
+                                   temperature=sc.temperature, top_p=sc.top_p,
+                                   top_k=sc.top_k, float64=sc.float64,
+                                   block_length=sc.block_length,
+                                   remask_eta=sc.remask_eta)
 
 
 def make_sampler(process, graphdef, sc: SampleConfig, length: int,

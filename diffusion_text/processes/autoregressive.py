@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_text.contract import cross_entropy
-from diffusion_text.processes import base
+from diffusion_text.processes import base, draws
 from diffusion_text.processes.base import (Bound, Denoiser, LossOutput,
                                            ModelSpec, Process, SamplingOptions,
                                            make_bound, masked_sum, per_token)
@@ -38,7 +38,8 @@ class Autoregressive(Process):
   `top_p` (nucleus sampling, Holtzman et al. 2020) shape the sampler."""
 
   SAMPLERS = ("ancestral",)
-  SAMPLING_KNOBS = ("temperature", "top_p")
+  SAMPLING_KNOBS = ("temperature", "top_k", "top_p")
+  TRAIN_CONDITIONING = False  # prefixes are exact; inputs are shifted
 
   @property
   def bos_id(self) -> int:
@@ -128,23 +129,9 @@ class Autoregressive(Process):
 
   def sample_logits(self, key: Array, logits_BxV: Array,
                     options: SamplingOptions = SamplingOptions()) -> Array:
-    """One draw per row with temperature and nucleus truncation.
-
-    Inverse-CDF sampling: one uniform per row, not one Gumbel per class.
-    """
-    if options.temperature == 0:
-      return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    probs_BxV = jax.nn.softmax(logits_BxV / options.temperature, axis=-1)
-    if options.top_p < 1.0:
-      probs_BxV = base.nucleus(probs_BxV, options.top_p)
-    cdf_BxV = jnp.cumsum(probs_BxV, axis=-1)
-    u_Bx1 = jax.random.uniform(key, (logits_BxV.shape[0], 1)) * cdf_BxV[:, -1:]
-    idx_B = jnp.sum(cdf_BxV <= u_Bx1, axis=-1)
-    # u * total may round up to the total: fall back to the last class that
-    # has mass rather than step past the end (or onto a truncated class).
-    num_classes = logits_BxV.shape[-1]
-    last_B = num_classes - 1 - jnp.argmax(probs_BxV[:, ::-1] > 0, axis=-1)
-    return jnp.minimum(idx_B, last_B).astype(jnp.int32)
+    """One draw per row with temperature, top-k and nucleus truncation:
+    one inverse CDF per row, not one Gumbel per class (draws.py)."""
+    return draws.draw(key, logits_BxV, options)
 
   def decode(self, denoiser: Denoiser, x0: Array,
              options: SamplingOptions = SamplingOptions()) -> Array:

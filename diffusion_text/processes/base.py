@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_text.contract import Denoiser, ModelSpec, cross_entropy
+from diffusion_text.processes import conditioning
+from diffusion_text.processes.draws import nucleus  # noqa: F401 (re-export)
 
 Array = jax.Array
 
@@ -70,16 +72,6 @@ def target_nll(denoiser: Denoiser, x_t: Array, t_B: Array,
   return cross_entropy(denoiser.predict(x_t, t_B), target_BxL)
 
 
-def nucleus(probs_BxLxV: Array, top_p: float) -> Array:
-  """Top-p (Holtzman et al. 2020): zero the tail outside the smallest set
-  of classes with mass >= top_p (ties at the threshold are all kept)."""
-  sorted_BxLxV = -jnp.sort(-probs_BxLxV, axis=-1)
-  mass_before = jnp.cumsum(sorted_BxLxV, axis=-1) - sorted_BxLxV
-  count_BxL = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1), 1)
-  threshold = jnp.take_along_axis(sorted_BxLxV, count_BxL[..., None] - 1, -1)
-  return jnp.where(probs_BxLxV >= threshold, probs_BxLxV, 0.0)
-
-
 def bound_as_loss(bound: Bound, mask_BxL: Array) -> LossOutput:
   """The training objective of processes trained on their bound itself
   (masked, SEDD, continuous-time Gaussian): the bound per token."""
@@ -103,17 +95,36 @@ class SamplingOptions:
   temperature: divides the logits of the sampled distribution (0: argmax),
       or for the continuous-time Gaussian process the score (PLAID).
   top_p: nucleus mass kept when drawing tokens (1: off).
+  top_k: keep only the k most likely tokens when drawing (0: off).
+  float64: categorical draws at float64 resolution (draws.py); False draws
+      with one float32 inverse CDF.
+  remask_eta: eta of the ReMDM remasking samplers (the cap, or the share
+      of sigma_max); read by those samplers only.
+  block_length: semi-autoregressive sampling (0: off): the sequence is
+      generated in blocks of this many positions, left to right, each over
+      an equal share of the steps (LLaDA sec. 2.4; for long outputs).
   """
 
   sampler: str = "default"
   temperature: float = 1.0
   top_p: float = 1.0
+  top_k: int = 0
+  float64: bool = True
+  block_length: int = 0
+  remask_eta: float = 0.02
 
   def __post_init__(self):
     if self.temperature < 0:
       raise ValueError(f"temperature must be >= 0, got {self.temperature}")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+    if not 0.0 <= self.remask_eta <= 1.0:
+      raise ValueError(f"remask_eta must be in [0, 1], got {self.remask_eta}")
+    if self.block_length < 0:
+      raise ValueError(f"block_length must be >= 0 (0: off), got "
+                       f"{self.block_length}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +132,10 @@ class Process(abc.ABC):
   """Abstract base: every family implements these methods."""
 
   vocab_size: int
+  # Chance a training sequence gets a random clean span as conditioning,
+  # left out of the loss (conditioning.py); > 0 makes `condition` impose
+  # clean values at every noise level, as in training.
+  train_conditioning: float = 0.0
 
   # ---- what the backbone must look like --------------------------------
   @property
@@ -181,11 +196,13 @@ class Process(abc.ABC):
       raise ValueError(
           f"unknown sampler {options.sampler!r} for {type(self).__name__}; "
           f"choose one of: default, {', '.join(names)}")
-    for knob in ("temperature", "top_p"):
-      if knob not in self.SAMPLING_KNOBS and getattr(options, knob) != 1.0:
+    for knob, off in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0),
+                      ("block_length", 0)):
+      if knob not in self.SAMPLING_KNOBS and getattr(options, knob) != off:
         raise ValueError(
             f"{type(self).__name__} samplers do not support {knob}; leave "
-            f"it at 1.0 (supported: {', '.join(self.SAMPLING_KNOBS) or 'none'})")
+            f"it at {off} (supported: "
+            f"{', '.join(self.SAMPLING_KNOBS) or 'none'})")
     return name
 
   # Sampler-state protocol used by `diffusion_text.sampling`: a sampler that
@@ -216,12 +233,59 @@ class Process(abc.ABC):
     return requested
 
   # ---- conditioning: fix some positions, let the process fill the rest ---
+  # How `impose` fills conditioned positions at t > 0: False keeps the clean
+  # token, exact for absorbing noise (an unmasked token of x_t *is* x0) and
+  # the AR baseline; True draws from q(x_t | tokens) via `corrupt`, the state
+  # the forward process is in at t (uniform noise: a clean token at high
+  # noise is not one).
+  IMPOSE_DRAWS: ClassVar[bool] = False
+  # Whether `train_conditioning` applies (not to the AR baseline).
+  TRAIN_CONDITIONING: ClassVar[bool] = True
+
   def impose(self, key: Array, denoiser: Denoiser, x_t: Array, t: Array,
              tokens: Array, cond_mask: Array) -> Array:
     """Return x_t with the positions in `cond_mask` set to their values under
-    q(x_t | tokens) (for token states: the clean token itself)."""
-    del key, denoiser, t
-    return jnp.where(cond_mask.astype(bool), tokens, x_t)
+    q(x_t | tokens) (see `IMPOSE_DRAWS`); clean at t <= 0."""
+    del denoiser
+    known = tokens
+    if self.IMPOSE_DRAWS:
+      t_B = jnp.full(tokens.shape[:1], t, jnp.float32)
+      known = jnp.where(t > 0, self.corrupt(key, tokens, t_B), tokens)
+    return jnp.where(cond_mask.astype(bool), known, x_t)
+
+  def clean_state(self, denoiser: Denoiser, tokens: Array) -> Array:
+    """x_0 as the network sees it: ids, or latents for the Gaussian ones."""
+    del denoiser
+    return tokens
+
+  def condition(self, key: Array, denoiser: Denoiser, x_t: Array, t: Array,
+                tokens: Array, cond_mask: Array) -> Array:
+    """The sampler's conditioning: clean states for a model trained with
+    `train_conditioning`, else `impose` (replacement)."""
+    if self.train_conditioning > 0:
+      return conditioning.with_clean(x_t, self.clean_state(denoiser, tokens),
+                                     cond_mask.astype(bool))
+    return self.impose(key, denoiser, x_t, t, tokens, cond_mask)
+
+  def train_loss(self, key: Array, denoiser: Denoiser, tokens: Array,
+                 mask: Array) -> LossOutput:
+    """`loss`, or with `train_conditioning` > 0 the loss of the free
+    positions given a random clean span (conditioning.py)."""
+    if self.train_conditioning == 0:
+      return self.loss(key, denoiser, tokens, mask)
+    if not self.TRAIN_CONDITIONING or not 0 < self.train_conditioning < 1:
+      raise ValueError(
+          f"train_conditioning={self.train_conditioning} for "
+          f"{type(self).__name__}: use a rate in [0, 1)"
+          + ("" if self.TRAIN_CONDITIONING else
+             " (0 here: its prefix conditioning is already exact)"))
+    span_key, loss_key = jax.random.split(key)
+    cond_BxL = conditioning.random_spans(span_key, tokens.shape,
+                                         self.train_conditioning)
+    clean = self.clean_state(denoiser, tokens)
+    wrapped = conditioning.clean_input_denoiser(denoiser, clean, cond_BxL)
+    return self.loss(loss_key, wrapped, tokens,
+                     mask.astype(bool) & ~cond_BxL)
 
   # ---- helpers -----------------------------------------------------------
   def options(self) -> dict[str, Any]:

@@ -78,7 +78,7 @@ class D3PM(Process):
   """Shared D3PM machinery; subclasses fix the transition family."""
 
   num_steps: int = 1000        # T; step i sits at time t_i = i / T
-  schedule: str = "cosine"     # alpha_bar(t) by name (schedules.py)
+  schedule: str = "cosine_alpha"  # alpha_bar(t) by name (schedules.py)
   hybrid_lambda: float = 0.01  # weight of the auxiliary CE(x0 | x_t), eq. 5
 
   SAMPLERS = ("ancestral",)
@@ -235,6 +235,8 @@ class D3PM(Process):
 @dataclasses.dataclass(frozen=True)
 class D3PMUniform(D3PM):
   """Q_t = (1 - b_t) I + b_t / V 11^T; prior Uniform(V)."""
+
+  IMPOSE_DRAWS = True  # conditioning draws q(x_t | x0), not the clean token
 
   @property
   def transition(self) -> transitions.Uniform:

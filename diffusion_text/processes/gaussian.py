@@ -340,12 +340,29 @@ class GaussianProcess(Process):
   def prior(self, key: Array, shape: tuple[int, int]) -> Array:
     return jax.random.normal(key, (*shape, self.latent_dim), jnp.float32)
 
-  def _nearest_embedding(self, denoiser: Denoiser, x: Array) -> Array:
-    """The embedding closest (L2) to each x [B, L, D]."""
+  def nearest_ids(self, denoiser: Denoiser, x: Array) -> Array:
+    """Id of the nearest (L2) embedding to x [B, L, D] -> int32 [B, L]:
+    argmax x.e - |e|^2 / 2 (x.e alone favours long embeddings)."""
     table_VxD = self.embedding_table(denoiser)
     score_BxLxV = (jnp.einsum("bld,vd->blv", x, table_VxD)
                    - 0.5 * jnp.sum(jnp.square(table_VxD), axis=-1))
-    return jnp.take(table_VxD, jnp.argmax(score_BxLxV, axis=-1), axis=0)
+    return jnp.argmax(score_BxLxV, axis=-1).astype(jnp.int32)
+
+  def _nearest_embedding(self, denoiser: Denoiser, x: Array) -> Array:
+    """The embedding closest (L2) to each x [B, L, D]."""
+    return jnp.take(self.embedding_table(denoiser),
+                    self.nearest_ids(denoiser, x), axis=0)
+
+  def time_grid(self, steps: int, length: int,
+                options: SamplingOptions = SamplingOptions()) -> Array:
+    """Step skipping: `steps` of the T trained times, evenly spaced, 1..0
+    (DDIM sec. 4.2; Nichol & Dhariwal 2021 sec. 4 respacing)."""
+    del length, options
+    if steps > self.num_steps:
+      raise ValueError(f"{steps} sampling steps > num_steps={self.num_steps}"
+                       ": the discrete chain has only T steps")
+    T = self.num_steps
+    return jnp.round(jnp.linspace(1.0, 0.0, steps + 1) * T) / T
 
   def reverse_step(self, key: Array, denoiser: Denoiser, x_t: Array,
                    t: Array, s: Array,
@@ -363,8 +380,12 @@ class GaussianProcess(Process):
 
   def decode(self, denoiser: Denoiser, x0: Array,
              options: SamplingOptions = SamplingOptions()) -> Array:
+    """The nearest embedding's id (x0 is the sampler's final x0-hat)."""
     del options
-    return jnp.argmax(denoiser.round_logits(x0), axis=-1).astype(jnp.int32)
+    return self.nearest_ids(denoiser, x0)
+
+  def clean_state(self, denoiser: Denoiser, tokens: Array) -> Array:
+    return denoiser.embed(tokens).astype(jnp.float32)
 
   def impose(self, key: Array, denoiser: Denoiser, x_t: Array, t: Array,
              tokens: Array, cond_mask: Array) -> Array:

@@ -323,6 +323,9 @@ class GaussianVLBProcess(Process):
     logits = self.decoder_logits(x0, self.embeddings(denoiser), gamma0)
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
+  def clean_state(self, denoiser: Denoiser, tokens: Array) -> Array:
+    return jnp.take(self.embeddings(denoiser), tokens, axis=0)
+
   def impose(self, key: Array, denoiser: Denoiser, x_t: Array, t: Array,
              tokens: Array, cond_mask: Array) -> Array:
     """Replacement: fixed positions get alpha_t e_w + sigma_t eps (at t = 0

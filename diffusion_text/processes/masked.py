@@ -22,12 +22,19 @@ prior p(x_1) masks each token with probability 1 - alpha(1) and otherwise
 draws it uniformly; its KL to q(x_1 | x0) is alpha(1) log V per token,
 exactly 0 when alpha(1) = 0 (both schedules here, after clipping rounding).
 
-Sampling (`SamplingOptions`: sampler, temperature, top_p): 'ancestral' on
-any time grid (MDLM eq. 7 / MD4 Alg. 2), or 'cached' (MDLM sec. 4.2), which skips the network when x_t did not change since the
-last call. Caching is exact when the denoiser ignores t: set
-`time_conditioning=False` (MDLM's time-unconditioned models, sec. 4.2; the
-network then always sees t = 0); otherwise it reuses the prediction made at
-the latest time x_t changed.
+Sampling (`SamplingOptions`: sampler, temperature, top_k, top_p, float64):
+'ancestral' on any time grid (MDLM eq. 7 / MD4 Alg. 2), or 'cached' (MDLM
+sec. 4.2). Each step first decides which [MASK]s unmask, then draws tokens
+only there (`draws.draw_where`); 'cached' also runs the network only on the
+sequences where a token unmasks (and skips the call when none does), which
+gives the ancestral result with less work (a sequence where nothing unmasks
+never reads its prediction; identical up to float rounding across batch
+sizes). 'confidence',
+'margin' and 'entropy' unmask the most confident positions first
+(masked_samplers.py; MaskGIT / LLaDA); 'remdm_cap' and 'remdm_rescale'
+may remask generated tokens (ReMDM). With
+`time_conditioning=False` (MDLM's time-unconditioned models, sec. 4.2) the
+network always sees t = 0.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from diffusion_text.processes import base, transitions
+from diffusion_text.processes import base, draws, masked_samplers, transitions
 from diffusion_text.processes.base import SamplingOptions
 from diffusion_text.processes.schedules import (Schedule, check_schedule,
                                                 make_schedule)
@@ -53,17 +60,12 @@ class MaskedProcess(base.Process):
   schedule: str = "linear"        # 'linear' (alpha = 1 - t), 'cosine', ...
   antithetic: bool = True         # stratified training times over the batch
   t_min: float = 1e-5             # times are drawn from (t_min, 1]
-  # Sample categoricals at float64-like resolution (MDLM recommends float64
-  # Gumbel noise: float32 noise caps the Gumbel maximum near 16.6, which acts
-  # like a lower temperature). With jax_enable_x64 on, the inverse CDF runs in
-  # float64; otherwise Gumbel-max with noise built from two float32 uniforms
-  # (46 random bits, maximum near 31.9). Costs V random numbers per position.
-  float64_sampling: bool = False
   num_steps: int = 128            # default number of sampler steps
   time_conditioning: bool = True  # False: the network sees t = 0 (exact caching)
 
-  SAMPLERS = ("ancestral", "cached")
-  SAMPLING_KNOBS = ("temperature", "top_p")
+  SAMPLERS = (("ancestral", "cached") + tuple(masked_samplers.SCORES)
+              + tuple(masked_samplers.REMASKING))
+  SAMPLING_KNOBS = ("temperature", "top_k", "top_p", "block_length")
 
   def __post_init__(self):
     check_schedule(self.schedule, process="masked")
@@ -169,73 +171,96 @@ class MaskedProcess(base.Process):
     masked posterior depends on x_t alone; MDLM sec. 4.2)."""
     return t_B if self.time_conditioning else jnp.zeros_like(t_B)
 
+  def logits(self, denoiser: base.Denoiser, x_t: Array, t: Array) -> Array:
+    """Logits of p(x0 | x_t) [B, L, V] in float32."""
+    t_B = jnp.full((x_t.shape[0],), t, jnp.float32)
+    return denoiser.predict(x_t, self._net_time(t_B)).astype(jnp.float32)
+
   def x0_probs(self, denoiser: base.Denoiser, x_t: Array, t: Array,
                options: SamplingOptions = SamplingOptions()) -> Array:
-    """p~(x0 | x_t) [B, L, V] after temperature and top-p (unnormalised)."""
-    t_B = jnp.full((x_t.shape[0],), t, jnp.float32)
-    logits_BxLxV = denoiser.predict(x_t, self._net_time(t_B)).astype(jnp.float32)
+    """p~(x0 | x_t) [B, L, V] after temperature, top-k and top-p
+    (unnormalised)."""
+    logits_BxLxV = self.logits(denoiser, x_t, t)
     if options.temperature == 0.0:
       return jax.nn.one_hot(jnp.argmax(logits_BxLxV, -1), self.vocab_size)
-    probs_BxLxV = jax.nn.softmax(logits_BxLxV / options.temperature, axis=-1)
-    if options.top_p < 1.0:
-      probs_BxLxV = base.nucleus(probs_BxLxV, options.top_p)
-    return probs_BxLxV
+    return draws.filtered_probs(logits_BxLxV, options)
 
-  def _draw(self, key: Array, probs_BxLxV: Array) -> Array:
-    """One categorical draw per position from unnormalised probabilities."""
-    if self.float64_sampling and not jax.config.jax_enable_x64:
-      uniforms = jax.random.uniform(key, (2,) + probs_BxLxV.shape)
-      scores = jnp.log(probs_BxLxV) + fine_gumbel(uniforms[0], uniforms[1])
-      return jnp.argmax(scores, -1).astype(jnp.int32)
-    dtype = jnp.float64 if self.float64_sampling else jnp.float32
-    cdf_BxLxV = jnp.cumsum(probs_BxLxV.astype(dtype), axis=-1)
-    u_BxL = jax.random.uniform(key, probs_BxLxV.shape[:-1], dtype)
-    u_BxL = u_BxL * cdf_BxLxV[..., -1]
-    index_BxL = jnp.sum(cdf_BxLxV <= u_BxL[..., None], axis=-1)
-    # u * total can round up to the total; fall back to the mode then.
-    index_BxL = jnp.where(index_BxL >= self.vocab_size,
-                          jnp.argmax(probs_BxLxV, -1), index_BxL)
-    return index_BxL.astype(jnp.int32)
+  def unmask_share(self, t: Array, s: Array, length: int,
+                   options: SamplingOptions = SamplingOptions()) -> Array:
+    """MDLM eq. 7: the chance a [MASK] unmasks from t to s, (a_s - a_t) /
+    (1 - a_t), per position [L]. Semi-autoregressive (block_length > 0):
+    block j runs the whole schedule on its share [j/n, (j+1)/n) of 1 - t;
+    earlier blocks are done (1), later ones wait (0)."""
+    def share(t, s):
+      m_s, m_t = self.mask_prob(s), self.mask_prob(t)
+      return jnp.where(s <= 0.0, 1.0, (m_t - m_s) / m_t)
+    if not options.block_length:
+      return jnp.broadcast_to(share(t, s), (length,))
+    n = -(-length // options.block_length)
+    u_t = (1.0 - t) * n
+    block = jnp.clip(jnp.floor(u_t + 1e-4), 0, n - 1)
+    local_t = jnp.clip(1.0 - (u_t - block), 0.0, 1.0)
+    local_s = jnp.clip(1.0 - ((1.0 - s) * n - block), 0.0, 1.0)
+    block_L = jnp.arange(length) // options.block_length
+    return jnp.where(block_L == block, share(local_t, local_s),
+                     (block_L < block).astype(jnp.float32))
 
-  def _step_from_probs(self, key: Array, probs_BxLxV: Array, x_t: Array,
-                       t: Array, s: Array) -> Array:
-    """MDLM eq. 7: each [MASK] unmasks with prob (a_s - a_t) / (1 - a_t)."""
+  def unmasking(self, key: Array, x_t: Array, t: Array, s: Array,
+                options: SamplingOptions = SamplingOptions()) -> Array:
+    """Which [MASK]s unmask from t to s -> bool [B, L]."""
+    share_L = self.unmask_share(t, s, x_t.shape[1], options)
+    return ((x_t == self.mask_id)
+            & (jax.random.uniform(key, x_t.shape) < share_L))
+
+  def _step(self, key: Array, denoiser: base.Denoiser, x_t: Array, t: Array,
+            s: Array, options: SamplingOptions, lazy: bool) -> Array:
+    """Decide the unmasking first, then draw tokens only there; `lazy` runs
+    the network only on the sequences where a token unmasks (none: no call),
+    which gives the same result."""
+    self.sampler(options)  # validates the name and knobs
     unmask_key, token_key = jax.random.split(key)
-    m_s, m_t = self.mask_prob(s), self.mask_prob(t)
-    p_unmask = jnp.where(s <= 0.0, 1.0, (m_t - m_s) / m_t)
-    unmask_BxL = jax.random.uniform(unmask_key, x_t.shape) < p_unmask
-    x0_BxL = self._draw(token_key, probs_BxLxV)
-    return jnp.where((x_t == self.mask_id) & unmask_BxL, x0_BxL, x_t)
+    unmask_BxL = self.unmasking(unmask_key, x_t, t, s, options)
+
+    def fill(logits_BxLxV):
+      x0_BxL = draws.draw_where(token_key, logits_BxLxV, unmask_BxL, options)
+      return jnp.where(unmask_BxL, x0_BxL, x_t)
+
+    if not lazy:
+      return fill(self.logits(denoiser, x_t, t))
+    # Only the sequences where a token unmasks need the network: run it on
+    # the smallest bucket of rows (0, 1, 2, 4, ..., B) that holds them.
+    batch = x_t.shape[0]
+    changing_B = jnp.any(unmask_BxL, axis=-1)
+    buckets = sorted({0, batch} | {2 ** i for i in range(batch.bit_length())
+                                   if 2 ** i < batch})
+
+    def rows(size):
+      def branch():
+        rows_K = jnp.nonzero(changing_B, size=size, fill_value=batch)[0]
+        logits_KxLxV = self.logits(denoiser, x_t[jnp.minimum(rows_K,
+                                                             batch - 1)], t)
+        logits_BxLxV = jnp.zeros(x_t.shape + logits_KxLxV.shape[-1:],
+                                 logits_KxLxV.dtype)
+        return fill(logits_BxLxV.at[rows_K].set(logits_KxLxV, mode="drop"))
+      return branch if size else (lambda: x_t)
+
+    which = jnp.searchsorted(jnp.asarray(buckets), jnp.sum(changing_B))
+    return jax.lax.switch(which, [rows(size) for size in buckets])
 
   def reverse_step(self, key: Array, denoiser: base.Denoiser, x_t: Array,
                    t: Array, s: Array,
                    options: SamplingOptions = SamplingOptions()) -> Array:
-    self.sampler(options)  # validates the name and knobs
-    return self._step_from_probs(key, self.x0_probs(denoiser, x_t, t, options),
-                                 x_t, t, s)
-
-  # Sampler-state protocol (base.Process): the cached sampler's carry.
-  def init_sampler_state(self, x_T: Array,
-                         options: SamplingOptions = SamplingOptions()):
-    """Carry of the cached sampler: (x at the last call, its p~(x0 | x))."""
-    if self.sampler(options) != "cached":
-      return ()
-    b, l = x_T.shape
-    return (jnp.full_like(x_T, -1),  # matches no state: the first step calls
-            jnp.zeros((b, l, self.vocab_size), jnp.float32))
-
-  def reverse_step_with_state(self, key: Array, denoiser: base.Denoiser,
-                              x_t: Array, t: Array, s: Array, state,
-                              options: SamplingOptions = SamplingOptions()):
-    if self.sampler(options) != "cached":
-      return self.reverse_step(key, denoiser, x_t, t, s, options), state
-    x_seen, probs_seen = state
-    probs_BxLxV = jax.lax.cond(
-        jnp.any(x_t != x_seen),
-        lambda: self.x0_probs(denoiser, x_t, t, options),
-        lambda: probs_seen)
-    x_s = self._step_from_probs(key, probs_BxLxV, x_t, t, s)
-    return x_s, (x_t, probs_BxLxV)
+    """One step t -> s; 'cached' calls the network only when a token
+    unmasks (MDLM sec. 4.2's saving, exact for any network, since a step
+    where nothing unmasks does not read the prediction)."""
+    name = self.sampler(options)
+    if name in masked_samplers.REMASKING:
+      return masked_samplers.remdm_step(self, key, denoiser, x_t, t, s,
+                                        options, name)
+    if name in masked_samplers.SCORES:
+      return masked_samplers.confidence_step(self, key, denoiser, x_t, t, s,
+                                             options, name)
+    return self._step(key, denoiser, x_t, t, s, options, name == "cached")
 
   def decode(self, denoiser: base.Denoiser, x0: Array,
              options: SamplingOptions = SamplingOptions()) -> Array:
@@ -243,7 +268,7 @@ class MaskedProcess(base.Process):
     del options  # the mode, whatever the sampler
     def fill(x):
       t = jnp.asarray(self.t_min, jnp.float32)
-      x0_BxL = jnp.argmax(self.x0_probs(denoiser, x, t), -1)
+      x0_BxL = jnp.argmax(self.logits(denoiser, x, t), -1)
       return jnp.where(x == self.mask_id, x0_BxL, x).astype(jnp.int32)
     x0 = x0.astype(jnp.int32)
     return jax.lax.cond(jnp.any(x0 == self.mask_id), fill, lambda x: x, x0)

@@ -73,8 +73,9 @@ class Linear(Schedule):
 
 
 @dataclasses.dataclass(frozen=True)
-class Cosine(Schedule):
-  """alpha(t) = cos(pi/2 t) (MD4 'cosine'); alpha(1) = 0 up to rounding."""
+class CosineAlpha(Schedule):
+  """alpha(t) = cos(pi/2 t); alpha(1) = 0 up to rounding. Not MD4's cosine
+  (that is `MD4Cosine`); registered as 'cosine_alpha'."""
 
   def alpha(self, t):
     return jnp.cos(0.5 * math.pi * t)
@@ -86,6 +87,31 @@ class Cosine(Schedule):
     # 1 - cos(x) = 2 sin(x/2)^2: no cancellation at small t, where float32
     # cos(pi/2 t) == 1 for t < ~3e-4.
     return 2.0 * jnp.sin(0.25 * math.pi * t) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class MD4Cosine(Schedule):
+  """MD4's cosine (Shi et al. 2024, table 1 and its code):
+  alpha(t) = eps + (1 - 2 eps) (1 - cos(pi/2 (1 - t))), which is
+  1 - sin(pi/2 t) squeezed into [eps, 1 - eps]. alpha(0) = 1 - eps (the
+  masked process's reconstruction term covers it), alpha(1) = eps."""
+
+  eps: float = 1e-4
+
+  def alpha(self, t):
+    return self.eps + (1.0 - 2.0 * self.eps) * (
+        1.0 - jnp.cos(0.5 * math.pi * (1.0 - _f32(t))))
+
+  def dalpha(self, t):
+    return -(1.0 - 2.0 * self.eps) * 0.5 * math.pi * jnp.sin(
+        0.5 * math.pi * (1.0 - _f32(t)))
+
+  def one_minus_alpha(self, t):
+    # 1 - alpha = eps + (1 - 2 eps) sin(pi/2 t): no cancellation near t = 0.
+    return self.eps + (1.0 - 2.0 * self.eps) * jnp.sin(0.5 * math.pi * _f32(t))
+
+  def alpha_end(self) -> float:
+    return self.eps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,13 +242,19 @@ class LinearGamma(Schedule):
 # name -> schedule class. Every schedule of every process is here.
 _SCHEDULES: dict[str, type[Schedule]] = {
     "linear": Linear,
-    "cosine": Cosine,
+    "cosine_alpha": CosineAlpha,
+    "md4_cosine": MD4Cosine,
     "cosine_vp": CosineVP,
     "linear_beta": LinearBetaVP,
     "loglinear": LogLinear,
     "geometric": Geometric,
     "linear_gamma": LinearGamma,
 }
+
+
+# Old names that now fail with a pointer to the new ones.
+_RENAMED = {"cosine": "use 'cosine_alpha' (alpha = cos(pi t / 2), what "
+                      "'cosine' computed) or 'md4_cosine' (MD4's schedule)"}
 
 
 def names() -> list[str]:
@@ -234,6 +266,9 @@ def check_schedule(name: str, allowed=None, process: str = "") -> None:
   valid = list(_SCHEDULES) if allowed is None else list(allowed)
   if name not in _SCHEDULES or name not in valid:
     where = f" for process {process!r}" if process else ""
+    if name in _RENAMED:
+      raise ValueError(f"schedule {name!r}{where} was renamed: "
+                       f"{_RENAMED[name]}")
     raise ValueError(f"unknown schedule {name!r}{where}; choose one of: "
                      f"{', '.join(valid)}")
 

@@ -34,6 +34,8 @@ class SEDDUniform(_SEDD):
   current token's entry set to 0 (the reference model's final scatter).
   """
 
+  IMPOSE_DRAWS = True  # conditioning draws q(x_t | x0), not the clean token
+
   def __post_init__(self):
     super().__post_init__()
     if self.noise_schedule.alpha_end() == 0.0:
