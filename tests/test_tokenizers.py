@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 
+from diffusion_text import config as config_lib
 from diffusion_text.config import ConfigError
 from diffusion_text.data import tokenizers
 
@@ -109,6 +110,8 @@ def test_clear_errors(tmp_path, monkeypatch):
   with pytest.raises(ConfigError, match="encoder.json.*DIFFUSION_TEXT_DATA"):
     tokenizers.make_tokenizer("gpt2", tmp_path)   # exists, but no files
   monkeypatch.delenv("DIFFUSION_TEXT_DATA")
+  # Outside a source checkout (no ../shared/data default) and no env var.
+  monkeypatch.setattr(config_lib, "_source_checkout", lambda: False)
   with pytest.raises(ConfigError, match="data.data_dir=PATH"):
     tokenizers.make_tokenizer("bert")
   with pytest.raises(ConfigError, match="train"):

@@ -90,11 +90,7 @@ class CharTokenizer(_VocabTokenizer):
 
   @classmethod
   def from_text(cls, train_text: TrainText) -> "CharTokenizer":
-    texts = [train_text] if isinstance(train_text, str) else train_text
-    chars = set()
-    for t in texts:
-      chars.update(t)
-    return cls(sorted(chars) + [cls.UNK, cls.EOS])
+    return cls(sorted(_types(train_text, list)) + [cls.UNK, cls.EOS])
 
   def __init__(self, vocab: Sequence[str]):
     super().__init__(vocab, self.UNK, self.EOS)
@@ -110,6 +106,15 @@ class CharTokenizer(_VocabTokenizer):
                    else "\ufffd" for i in map(int, ids))
 
 
+def _types(train_text: TrainText, split) -> set[str]:
+  """The set of units (`split(text)`) of one text or a sequence of texts."""
+  texts = [train_text] if isinstance(train_text, str) else train_text
+  out = set()
+  for t in texts:
+    out.update(split(t))
+  return out
+
+
 class WordTokenizer(_VocabTokenizer):
   """Whitespace types of the training text (sorted), <unk> and <eos>."""
 
@@ -117,10 +122,7 @@ class WordTokenizer(_VocabTokenizer):
 
   @classmethod
   def from_text(cls, train_text: TrainText) -> "WordTokenizer":
-    texts = [train_text] if isinstance(train_text, str) else train_text
-    types = set()
-    for t in texts:
-      types.update(t.split())
+    types = _types(train_text, str.split)
     types.discard(EOS_WORD)
     types.add(UNK_WORD)
     return cls(sorted(types) + [EOS_WORD])
