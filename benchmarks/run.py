@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_text import config as config_lib, processes, sampling
-from diffusion_text import sharding, step as step_lib, train
+from diffusion_text import run as run_lib, sharding, step as step_lib, train
 from diffusion_text.models import as_denoiser, build_model, count_params
 
 # Sampler variants per process: (label, value of the sampler choice or None
@@ -195,7 +195,7 @@ def _parallel_registry() -> dict:
 
 def trainer_step(cfg: config_lib.Config, vocab: int) -> TrainerStep:
   """Build process, model, optimizer state and jitted step as train.train."""
-  process = train.build_process(cfg, vocab)
+  process = run_lib.build_process(cfg, vocab)
   model = build_model(process.model_spec, cfg.model, seed=cfg.train.seed)
   graphdef, params = nnx.split(model)
   tc = cfg.train
@@ -301,7 +301,7 @@ def counting(build_denoiser: Callable, counter: list) -> Callable:
 def bench_sampler(name: str, label: str, sampler: Optional[str],
                   shape: Shape, count_calls: bool, repeats: int) -> dict:
   cfg = shape.config(name)
-  process = train.build_process(cfg, shape.vocab)
+  process = run_lib.build_process(cfg, shape.vocab)
   graphdef, params = nnx.split(
       build_model(process.model_spec, cfg.model, seed=cfg.train.seed))
   build = lambda p: as_denoiser(nnx.merge(graphdef, p))

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def _chunk_logits(h_CxD: Array, w_DxV: Array, b_V: Array, dtype) -> Array:
+def chunk_logits(h_CxD: Array, w_DxV: Array, b_V: Array, dtype) -> Array:
   """Logits of one chunk as `nnx.Linear(dtype, preferred f32)` computes them."""
   logits_CxV = jax.lax.dot_general(
       h_CxD.astype(dtype), w_DxV.astype(dtype), (((1,), (0,)), ((), ())),
@@ -51,7 +51,7 @@ def _forward(h_NxD, w_DxV, b_V, target_N, where_N, chunk, dtype):
   def body(c, out):
     ce_N, lse_N = out
     rows_C = jax.lax.dynamic_slice_in_dim(rows_P, c * chunk, chunk)
-    logits_CxV = _chunk_logits(h_NxD[rows_C], w_DxV, b_V, dtype)
+    logits_CxV = chunk_logits(h_NxD[rows_C], w_DxV, b_V, dtype)
     lse_C = jax.nn.logsumexp(logits_CxV, axis=-1)
     tgt_C = jnp.take_along_axis(logits_CxV, target_N[rows_C][:, None], -1)[:, 0]
     valid_C = c * chunk + arange_C < count
@@ -90,7 +90,7 @@ def _selected_ce_bwd(chunk, dtype, res, g_N):
     rows_C = jax.lax.dynamic_slice_in_dim(rows_P, c * chunk, chunk)
     valid_C = c * chunk + arange_C < count
     h_CxD = h_NxD[rows_C]
-    logits_CxV = _chunk_logits(h_CxD, w_DxV, b_V, dtype)
+    logits_CxV = chunk_logits(h_CxD, w_DxV, b_V, dtype)
     g_C = jnp.where(valid_C, g_N[rows_C], 0.0)
     # d ce / d logits = softmax - onehot(target), times the cotangent.
     onehot_CxV = vocab_V == target_N[rows_C][:, None]

@@ -27,10 +27,11 @@ from flax import nnx
 
 from diffusion_text.config import ModelConfig
 from diffusion_text.models.conditioning import MonotoneGamma, TimeEmbedding
-from diffusion_text.models.cross_entropy import selected_cross_entropy
+from diffusion_text.models.cross_entropy import (chunk_logits,
+                                                 selected_cross_entropy)
 from diffusion_text.models.layers import (MLP, Attention, dense_init,
                                           layer_norm, modulate)
-from diffusion_text.contract import ModelSpec
+from diffusion_text.contract import ModelSpec, map_rows
 
 Array = jax.Array
 
@@ -127,6 +128,29 @@ class Transformer(nnx.Module):
         self.head.bias[...], target_BxL.reshape(-1), where_BxL.reshape(-1),
         dtype=self.dtype)
     return ce_N.reshape(b, length)
+
+  def map_logits(self, x: Array, t_B: Array, fn, rows,
+                 self_cond: Optional[Array] = None):
+    """fn(logits [C, V], rows of C positions) over chunks of positions.
+
+    Equals `fn(self(x, t_B, self_cond).reshape(B * L, V), rows flattened)`
+    reshaped to [B, L, ...], but the head runs a chunk of positions at a
+    time inside `contract.map_rows`, so neither pass holds [B, L, V] logits.
+    Processes reach it as `Denoiser.map_logits`.
+    """
+    if self.spec.output != "logits":
+      raise ValueError("map_logits needs a logits head")
+    h_BxLxD = self._features(x, t_B, self_cond)
+    b, length, d = h_BxLxD.shape
+    kernel_DxV, bias_V = self.head.kernel[...], self.head.bias[...]
+
+    def chunk(args):
+      h_CxD, rows_C = args
+      return fn(chunk_logits(h_CxD, kernel_DxV, bias_V, self.dtype), rows_C)
+
+    flat = jax.tree.map(lambda a: a.reshape(b * length, *a.shape[2:]), rows)
+    out = map_rows(chunk, (h_BxLxD.reshape(b * length, d), flat))
+    return jax.tree.map(lambda a: a.reshape(b, length, *a.shape[1:]), out)
 
   def _features(self, x: Array, t_B: Array,
                 self_cond: Optional[Array] = None) -> Array:

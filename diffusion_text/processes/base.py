@@ -70,6 +70,25 @@ def target_nll(denoiser: Denoiser, x_t: Array, t_B: Array,
   return cross_entropy(denoiser.predict(x_t, t_B), target_BxL)
 
 
+def map_logits(denoiser: Denoiser, x_t: Array, t_B: Array, fn, rows,
+               **predict_kwargs):
+  """fn(logits [N, V], rows [N, ...]) per position, as pytrees of [B, L, ...].
+
+  For losses that need vocabulary-sized sums at every position (uniform
+  D3PM and SEDD, Gaussian x0-hat): a backbone that offers
+  `Denoiser.map_logits` runs its head and `fn` a chunk of positions at a
+  time (no [B, L, V] array in either pass); otherwise `fn` sees the dense
+  logits of `predict`. `fn` must act row by row.
+  """
+  if denoiser.map_logits is not None:
+    return denoiser.map_logits(x_t, t_B, fn, rows, **predict_kwargs)
+  logits_BxLxV = denoiser.predict(x_t, t_B, **predict_kwargs)
+  b, length, vocab = logits_BxLxV.shape
+  flat = lambda a: a.reshape(b * length, *a.shape[2:])
+  out = fn(flat(logits_BxLxV.astype(jnp.float32)), jax.tree.map(flat, rows))
+  return jax.tree.map(lambda a: a.reshape(b, length, *a.shape[1:]), out)
+
+
 def nucleus(probs_BxLxV: Array, top_p: float) -> Array:
   """Top-p (Holtzman et al. 2020): zero the tail outside the smallest set
   of classes with mass >= top_p (ties at the threshold are all kept)."""
