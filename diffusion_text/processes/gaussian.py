@@ -15,8 +15,8 @@ residual on top of the exact eps for uniform tokens on the table E,
 t = 0 the tokens are resolved, eps_base is the drawn eps to float precision,
 and the SNR-ratio weight no longer amplifies network error; with the
 backbone's zero-initialised head the model starts at eps_base. Cost: a
-[B, L, V] softmax and two V x D matmuls per call (fine for small V; for a
-large vocabulary it dominates memory as a logits head would).
+V-way softmax and two V x D matmuls per position, computed a chunk of
+positions at a time (`contract.map_rows`), so no [B, L, V] array is held.
 
 Training objective (`loss`), per real token:
   L_simple = ||eps - eps_hat(x_t, t)||^2 / D                      (Ho eq. 14)
@@ -67,7 +67,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from diffusion_text.contract import cross_entropy
+from diffusion_text.contract import cross_entropy, map_rows
 from diffusion_text.processes.base import (Array, Bound, Denoiser,
                                            LossOutput, ModelSpec, Process,
                                            SamplingOptions, make_bound,
@@ -186,8 +186,17 @@ class GaussianProcess(Process):
     if not self.base_eps:
       return (x_t - jnp.sqrt(1.0 - ab_t) * net) / jnp.sqrt(ab_t), net
     table_VxD = self.embedding_table(denoiser)
-    probs_BxLxV = jax.nn.softmax(self.base_logits(x_t, t_B, table_VxD), -1)
-    x0_base = jnp.einsum("blv,vd->bld", probs_BxLxV, table_VxD)
+
+    def posterior_mean(rows):  # q(. | x_t) @ E for a chunk of positions
+      x_Nx1xD, t_N = rows
+      probs_Nx1xV = jax.nn.softmax(
+          self.base_logits(x_Nx1xD, t_N, table_VxD), -1)
+      return jnp.einsum("blv,vd->bld", probs_Nx1xV, table_VxD)
+
+    # A chunk of positions at a time: no [B, L, V] softmax in either pass.
+    t_BxL = jnp.broadcast_to(t_B[:, None], x_t.shape[:2])
+    x0_base = map_rows(posterior_mean, (x_t.reshape(-1, 1, x_t.shape[-1]),
+                                        t_BxL.reshape(-1))).reshape(x_t.shape)
     eps_base = ((x_t - jnp.sqrt(ab_t) * x0_base)
                 / jnp.sqrt(jnp.maximum(1.0 - ab_t, _TINY)))
     # x0_hat from x0_base directly: no x_t - sqrt(1-ab) eps cancellation.
@@ -279,8 +288,14 @@ class GaussianProcess(Process):
 
   def _reconstruction(self, denoiser: Denoiser, x0_hat_1: Array,
                       tokens: Array) -> Array:
-    """-log p(w | x_1) per position [B, L], from x0_hat(x_1)."""
-    return cross_entropy(denoiser.round_logits(x0_hat_1), tokens)
+    """-log p(w | x_1) per position [B, L], from x0_hat(x_1), a chunk of
+    positions at a time (no [B, L, V] rounding logits)."""
+    def nll(rows):
+      x_Nx1xD, w_Nx1 = rows
+      return cross_entropy(denoiser.round_logits(x_Nx1xD), w_Nx1)
+
+    return map_rows(nll, (x0_hat_1.reshape(-1, 1, x0_hat_1.shape[-1]),
+                          tokens.reshape(-1, 1))).reshape(tokens.shape)
 
   def loss(self, key: Array, denoiser: Denoiser, tokens: Array,
            mask: Array) -> LossOutput:
