@@ -32,6 +32,9 @@ class Denoiser:
   target_nll(x_t, t [B], target [B, L], where [B, L]) -> [B, L]: optional
       fused -log softmax(predict(x_t, t))[target] evaluated only where
       `where` holds (values elsewhere arbitrary); see `target_nll` below.
+  target_lse(x_t, t [B], target, where, classes=None) -> ([B, L], [B, L]):
+      optional; `target_nll` and logsumexp(logits) together, over the first
+      `classes` outputs, fused at the selected positions.
   map_logits(x_t, t [B], fn, rows, self_cond=None) -> pytree of [B, L, ...]:
       optional; fn(logits [C, V], rows of C positions) -> per-position
       values, applied to the logits of `predict` a chunk of positions at a
@@ -44,6 +47,7 @@ class Denoiser:
   round_logits: Optional[Callable[[Array], Array]] = None
   gamma: Optional[Callable[[Array], Array]] = None
   target_nll: Optional[Callable[..., Array]] = None
+  target_lse: Optional[Callable[..., tuple[Array, Array]]] = None
   map_logits: Optional[Callable[..., object]] = None
 
 

@@ -302,3 +302,33 @@ def test_map_logits_is_fn_of_the_dense_logits_in_value_and_grad(monkeypatch):
                                                        atol=1e-5), out0, out1)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                        atol=1e-5), g0, g1)
+
+
+def test_selected_ce_and_lse_gradient_of_both_outputs():
+  """The fused head's logsumexp output is the dense one at the selected
+  rows, and a loss using both outputs has the dense gradient."""
+  from diffusion_text.models.cross_entropy import selected_ce_and_lse
+  n, d, v = 19, 8, 13
+  ks = jax.random.split(jax.random.key(1), 6)
+  h, w = jax.random.normal(ks[0], (n, d)), jax.random.normal(ks[1], (d, v))
+  b, target = jax.random.normal(ks[2], (v,)), jax.random.randint(
+      ks[3], (n,), 0, v)
+  g1, g2 = jax.random.normal(ks[4], (n,)), jax.random.normal(ks[5], (n,))
+  where = jnp.arange(n) % 3 != 0
+
+  def dense(h, w, b):
+    logits = h @ w + b
+    lse = jax.nn.logsumexp(logits, -1)
+    ce = lse - jnp.take_along_axis(logits, target[:, None], -1)[:, 0]
+    return jnp.where(where, ce, 0.0), jnp.where(where, lse, 0.0)
+
+  def fused(h, w, b):
+    return selected_ce_and_lse(h, w, b, target, where, chunk=4)
+
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5,
+                                                       atol=1e-5),
+               dense(h, w, b), fused(h, w, b))
+  grads = [jax.grad(lambda *a, f=f: jnp.sum(g1 * f(*a)[0] + g2 * jnp.exp(
+      0.1 * f(*a)[1])), argnums=(0, 1, 2))(h, w, b) for f in (dense, fused)]
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4,
+                                                       atol=1e-5), *grads)

@@ -27,12 +27,15 @@ def as_denoiser(model: Transformer, fused_loss: bool = True) -> Denoiser:
   With a logits head, `target_nll` is the model's fused head + cross-entropy
   at selected positions only; `fused_loss=False` leaves it out, so processes
   use the dense head everywhere (for comparisons); the same holds for
-  `map_logits`, the chunked head for vocabulary-sized losses.
+  `target_lse` (the same, with the logsumexp) and `map_logits`, the chunked
+  head for vocabulary-sized losses.
   """
   spec = model.spec
   return Denoiser(
       predict=model,
       target_nll=(model.target_nll
+                  if fused_loss and spec.output == "logits" else None),
+      target_lse=(model.target_lse
                   if fused_loss and spec.output == "logits" else None),
       map_logits=(model.map_logits
                   if fused_loss and spec.output == "logits" else None),

@@ -70,6 +70,19 @@ def target_nll(denoiser: Denoiser, x_t: Array, t_B: Array,
   return cross_entropy(denoiser.predict(x_t, t_B), target_BxL)
 
 
+def target_lse(denoiser: Denoiser, x_t: Array, t_B: Array,
+               target_BxL: Array, where_BxL: Array,
+               classes: Optional[int] = None) -> tuple[Array, Array]:
+  """(-log p(target | x_t), logsumexp of the logits) [B, L] over the first
+  `classes` outputs, needed only where `where` (fused when the backbone
+  offers `Denoiser.target_lse`; values off `where` are arbitrary)."""
+  if denoiser.target_lse is not None:
+    return denoiser.target_lse(x_t, t_B, target_BxL, where_BxL, classes)
+  logits_BxLxV = denoiser.predict(x_t, t_B)[..., :classes]
+  return (cross_entropy(logits_BxLxV, target_BxL),
+          jax.nn.logsumexp(logits_BxLxV.astype(jnp.float32), axis=-1))
+
+
 def map_logits(denoiser: Denoiser, x_t: Array, t_B: Array, fn, rows,
                **predict_kwargs):
   """fn(logits [N, V], rows [N, ...]) per position, as pytrees of [B, L, ...].

@@ -298,14 +298,34 @@ class SEDDAbsorb(_SEDD):
     """sigma(t) * score entropy per position [B, L] (graph_lib.score_entropy:
     ratio (sum s_hat - log s_hat_x0 - 1) at [MASK], ratio = alpha/(1-alpha));
     t: [B] or one per position."""
-    s = self.noise_schedule
-    weight = -s.dalpha(t_B) / s.one_minus_alpha(t_B)   # = sigma * ratio
     lse_BxL = jax.nn.logsumexp(score, axis=-1)
     target_BxL = jnp.take_along_axis(score, x0[..., None], -1)[..., 0]
+    return self._weighted_se(lse_BxL, target_BxL, x_t, t_B)
+
+  def _weighted_se(self, lse_BxL: Array, target_BxL: Array, x_t: Array,
+                   t: Array) -> Array:
+    """dwdse from the score's logsumexp and its value at x0."""
+    s = self.noise_schedule
+    weight = -s.dalpha(t) / s.one_minus_alpha(t)   # = sigma * ratio
     # sum s_hat - 1 - log s_hat_x0 >= expm1(lse) - lse >= 0, stably.
     se_BxL = jnp.expm1(lse_BxL) - target_BxL
     return jnp.where(x_t == self.mask_id,
                      _expand(weight, x_t.ndim) * se_BxL, 0.0)
+
+  def _position_terms(self, denoiser: base.Denoiser, x_t: Array, x0: Array,
+                      t_B: Array) -> tuple[Array, Array]:
+    """Both terms live at [MASK] only and need two numbers there, the
+    score's logsumexp and its value at x0: the fused head at masked
+    positions (base.target_lse) over the V data columns gives both."""
+    at_mask = x_t == self.mask_id
+    ce_BxL, lse_raw_BxL = base.target_lse(denoiser, x_t, t_B, x0, at_mask,
+                                          self.vocab_size)
+    # score = raw + shift (score_from_raw), so lse shifts and ce does not.
+    shift = self.score_from_raw(jnp.zeros((1, 1, self.vocab_size)),
+                                x_t[:1, :1], _expand(t_B, 2))[..., 0]
+    lse_BxL = lse_raw_BxL + shift
+    return (self._weighted_se(lse_BxL, lse_BxL - ce_BxL, x_t, t_B),
+            jnp.where(at_mask, -ce_BxL, 0.0))
 
   def decoder_log_probs(self, score: Array, x_t: Array, x0: Array,
                         t_B: Array) -> Array:
