@@ -17,6 +17,15 @@ so optimizer + EMA ~ step - loss_grad with metrics, the metrics' own cost
 the network ~ loss_grad - sum(calls).
 
   python -m benchmarks.breakdown gaussian d3pm_uniform [--smoke]
+
+`--ab` instead compares, in one run, the loss gradient as the trainer runs
+it ("chunked") with the dense arithmetic ("dense": `contract.ROW_CHUNK`
+beyond any batch, so map_rows applies its function to all positions at
+once, and the model bound with `fused_loss=False`, so no target_nll /
+target_lse / map_logits): median seconds, XLA temporaries and the loss
+(equal in both), plus the same-run matmul peak.
+
+  python -m benchmarks.breakdown --ab d3pm_uniform sedd_uniform
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks import run
+from diffusion_text import contract
 from diffusion_text.models import as_denoiser
 
 CALLABLES = ("predict", "target_nll", "round_logits", "embed", "gamma")
@@ -119,6 +129,29 @@ def breakdown(name: str, shape: run.Shape, repeats: int) -> dict:
   return out
 
 
+def compare(name: str, shape: run.Shape, repeats: int) -> dict:
+  ts = run.trainer_step(shape.config(name), shape.vocab)
+  process, graphdef, params = ts.process, ts.graphdef, ts.state.params
+  batch = {k: jnp.asarray(v) for k, v in run.random_batch(shape).items()}
+  key, chunk, out = jax.random.key(0), contract.ROW_CHUNK, {}
+  for label, fused in (("chunked", True), ("dense", False)):
+    contract.ROW_CHUNK = chunk if fused else 1 << 40
+
+    def loss(p, fused=fused):
+      res = process.loss(key, as_denoiser(nnx.merge(graphdef, p), fused),
+                         batch["tokens"], batch["mask"])
+      return res.loss, res.metrics
+    compiled = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(
+        params).compile()
+    temp = getattr(compiled.memory_analysis(), "temp_size_in_bytes", 0)
+    out[label] = {"s": _median_s(compiled, params, repeats=repeats),
+                  "temp_mb": temp / 1e6,
+                  "loss": float(compiled(params)[0][0])}
+  contract.ROW_CHUNK = chunk
+  out["matmul_peak_flops_per_s"] = run.matmul_peak(shape.matmul_n)
+  return out
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,10 +159,21 @@ def main(argv=None) -> int:
   p.add_argument("--smoke", action="store_true")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--out", default=None, help="also write JSON here")
+  p.add_argument("--ab", action="store_true",
+                 help="only the chunked-vs-dense loss gradient A/B")
   args = p.parse_args(argv)
   shape = run.SMOKE if args.smoke else run.Shape()
   rows = []
   for name in args.processes:
+    if args.ab:
+      r = compare(name, shape, args.repeats)
+      rows.append(r)
+      print(f"{name}: " + ", ".join(
+          f"{k} {v['s']:.2f} s (temps {v['temp_mb']:.0f} MB, loss "
+          f"{v['loss']:.5f})" for k, v in r.items() if isinstance(v, dict))
+            + f"; matmul peak {r['matmul_peak_flops_per_s'] / 1e9:.1f} "
+            "GFLOP/s", flush=True)
+      continue
     r = breakdown(name, shape, args.repeats)
     rows.append(r)
     print(f"{name}: step {r['step_s']:.3f} s = loss fwd+bwd "

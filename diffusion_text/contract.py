@@ -32,6 +32,14 @@ class Denoiser:
   target_nll(x_t, t [B], target [B, L], where [B, L]) -> [B, L]: optional
       fused -log softmax(predict(x_t, t))[target] evaluated only where
       `where` holds (values elsewhere arbitrary); see `target_nll` below.
+  target_lse(x_t, t [B], target, where, classes=None) -> ([B, L], [B, L]):
+      optional; `target_nll` and logsumexp(logits) together, over the first
+      `classes` outputs, fused at the selected positions.
+  map_logits(x_t, t [B], fn, rows, self_cond=None) -> pytree of [B, L, ...]:
+      optional; fn(logits [C, V], rows of C positions) -> per-position
+      values, applied to the logits of `predict` a chunk of positions at a
+      time (`rows`: a pytree of [B, L, ...] arrays split the same way), so
+      no [B, L, V] array exists in either pass; see `map_rows` below.
   """
 
   predict: Callable[..., Array]
@@ -39,6 +47,8 @@ class Denoiser:
   round_logits: Optional[Callable[[Array], Array]] = None
   gamma: Optional[Callable[[Array], Array]] = None
   target_nll: Optional[Callable[..., Array]] = None
+  target_lse: Optional[Callable[..., tuple[Array, Array]]] = None
+  map_logits: Optional[Callable[..., object]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,3 +93,29 @@ def cross_entropy(logits_BxLxV: Array, target_BxL: Array) -> Array:
   target_BxL = jnp.take_along_axis(
       logits_BxLxV, target_BxL[..., None].astype(jnp.int32), axis=-1)[..., 0]
   return jax.nn.logsumexp(logits_BxLxV, axis=-1) - target_BxL
+
+
+ROW_CHUNK = 128  # positions per chunk: a [128, 10k] float32 block is 5 MB
+
+
+def map_rows(fn: Callable, rows, chunk: Optional[int] = None):
+  """fn over the leading axis of `rows` a chunk at a time: fn(rows of C) ->
+  a pytree of [C, ...], concatenated back to [N, ...].
+
+  For vocabulary-sized work per position (softmaxes, score sums): each
+  chunk is recomputed in the backward pass (jax.checkpoint), so neither
+  pass holds more than one chunk's [C, V] temporaries (DESIGN.md section 8).
+  fn must act row by row; it may close over parameters (differentiable).
+  The last chunk is padded with copies of the last row, so fn never sees
+  rows that are not real values.
+  """
+  n = jax.tree.leaves(rows)[0].shape[0]
+  chunk = chunk or ROW_CHUNK
+  if n <= chunk:
+    return fn(rows)
+  pad = -n % chunk
+  split = lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1),
+                            mode="edge").reshape(-1, chunk, *a.shape[1:])
+  out = jax.lax.map(jax.checkpoint(fn, prevent_cse=False),
+                    jax.tree.map(split, rows))
+  return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[:n], out)

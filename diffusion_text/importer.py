@@ -92,7 +92,8 @@ def imported_config(imp: convert.Imported, name: str,
           arch=dataclasses.asdict(arch), vocab_size=vocab),
       data=config_lib.DataConfig(source=corpus, tokenizer=tokenizer,
                                  seq_len=arch.max_length, batch_size=8),
-      train=config_lib.TrainConfig(steps=0, ema_decay=0.0),
+      # The checkpoint is step 0; `train --set train.steps=N` fine-tunes it.
+      train=config_lib.TrainConfig(steps=1, ema_decay=0.0),
       eval=config_lib.EvalConfig(batch_size=8),
       sample=config_lib.SampleConfig(num=2))
   return config_lib.apply_overrides(cfg, list(overrides))

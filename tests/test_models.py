@@ -260,3 +260,75 @@ def test_target_nll_is_the_heads_cross_entropy_where_selected():
   grads = [g0, g1]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                        atol=1e-6), *grads)
+
+
+def test_map_logits_is_fn_of_the_dense_logits_in_value_and_grad(monkeypatch):
+  """The chunked head (contract.map_rows: several chunks, a padded last
+  one) gives fn of the dense logits, in value and in the parameters'
+  gradient; rows of any trailing shape travel with their positions."""
+  from diffusion_text import contract
+  monkeypatch.setattr(contract, "ROW_CHUNK", 3)  # B * L = 16: 6 chunks
+  spec = spec_for("tokens", "logits")
+  model = perturb(build_model(spec, CFG, seed=0))
+  graphdef, params = nnx.split(model)
+  x, t_B = inputs(spec), jnp.full((B,), 0.3)
+  target = jax.random.randint(jax.random.key(3), (B, L), 0, V)
+  shift = jax.random.normal(jax.random.key(4), (B, L, 2))
+
+  def fn(logits_NxV, rows):
+    target_N, shift_Nx2 = rows
+    lse_N = jax.nn.logsumexp(logits_NxV, -1)
+    tgt_N = jnp.take_along_axis(logits_NxV, target_N[:, None], -1)[:, 0]
+    soft_N = jnp.sum(jax.nn.softplus(logits_NxV + shift_Nx2[:, :1]), -1)
+    return lse_N - tgt_N, soft_N[:, None] * shift_Nx2
+
+  def dense(params):
+    logits = nnx.merge(graphdef, params)(x, t_B).reshape(B * L, V)
+    a, b = fn(logits, (target.reshape(-1), shift.reshape(B * L, 2)))
+    return a.reshape(B, L), b.reshape(B, L, 2)
+
+  def chunked(params):
+    return nnx.merge(graphdef, params).map_logits(x, t_B, fn, (target, shift))
+
+  def total(params, f):
+    a, b = f(params)
+    return jnp.sum(a) + jnp.sum(jnp.sin(b)), (a, b)
+
+  (_, out0), g0 = jax.value_and_grad(functools.partial(total, f=dense),
+                                     has_aux=True)(params)
+  (_, out1), g1 = jax.value_and_grad(functools.partial(total, f=chunked),
+                                     has_aux=True)(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-5), out0, out1)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-5), g0, g1)
+
+
+def test_selected_ce_and_lse_gradient_of_both_outputs():
+  """The fused head's logsumexp output is the dense one at the selected
+  rows, and a loss using both outputs has the dense gradient."""
+  from diffusion_text.models.cross_entropy import selected_ce_and_lse
+  n, d, v = 19, 8, 13
+  ks = jax.random.split(jax.random.key(1), 6)
+  h, w = jax.random.normal(ks[0], (n, d)), jax.random.normal(ks[1], (d, v))
+  b, target = jax.random.normal(ks[2], (v,)), jax.random.randint(
+      ks[3], (n,), 0, v)
+  g1, g2 = jax.random.normal(ks[4], (n,)), jax.random.normal(ks[5], (n,))
+  where = jnp.arange(n) % 3 != 0
+
+  def dense(h, w, b):
+    logits = h @ w + b
+    lse = jax.nn.logsumexp(logits, -1)
+    ce = lse - jnp.take_along_axis(logits, target[:, None], -1)[:, 0]
+    return jnp.where(where, ce, 0.0), jnp.where(where, lse, 0.0)
+
+  def fused(h, w, b):
+    return selected_ce_and_lse(h, w, b, target, where, chunk=4)
+
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5,
+                                                       atol=1e-5),
+               dense(h, w, b), fused(h, w, b))
+  grads = [jax.grad(lambda *a, f=f: jnp.sum(g1 * f(*a)[0] + g2 * jnp.exp(
+      0.1 * f(*a)[1])), argnums=(0, 1, 2))(h, w, b) for f in (dense, fused)]
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4,
+                                                       atol=1e-5), *grads)

@@ -26,7 +26,9 @@ def as_denoiser(model: Transformer, fused_loss: bool = True) -> Denoiser:
 
   With a logits head, `target_nll` is the model's fused head + cross-entropy
   at selected positions only; `fused_loss=False` leaves it out, so processes
-  use the dense head everywhere (for comparisons). A published backbone
+  use the dense head everywhere (for comparisons); the same holds for
+  `target_lse` (the same, with the logsumexp) and `map_logits`, the chunked
+  head for vocabulary-sized losses. A published backbone
   (`backbones.Adapted`) is bound through its registry adapter.
   """
   adapted = getattr(model, "adapted_denoiser", None)
@@ -36,6 +38,10 @@ def as_denoiser(model: Transformer, fused_loss: bool = True) -> Denoiser:
   return Denoiser(
       predict=model,
       target_nll=(model.target_nll
+                  if fused_loss and spec.output == "logits" else None),
+      target_lse=(model.target_lse
+                  if fused_loss and spec.output == "logits" else None),
+      map_logits=(model.map_logits
                   if fused_loss and spec.output == "logits" else None),
       embed=model.embed if spec.embed_vocab else None,
       round_logits=model.round_logits if spec.embed_vocab else None,

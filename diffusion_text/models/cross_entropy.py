@@ -25,7 +25,7 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def _chunk_logits(h_CxD: Array, w_DxV: Array, b_V: Array, dtype) -> Array:
+def chunk_logits(h_CxD: Array, w_DxV: Array, b_V: Array, dtype) -> Array:
   """Logits of one chunk as `nnx.Linear(dtype, preferred f32)` computes them."""
   logits_CxV = jax.lax.dot_general(
       h_CxD.astype(dtype), w_DxV.astype(dtype), (((1,), (0,)), ((), ())),
@@ -51,7 +51,7 @@ def _forward(h_NxD, w_DxV, b_V, target_N, where_N, chunk, dtype):
   def body(c, out):
     ce_N, lse_N = out
     rows_C = jax.lax.dynamic_slice_in_dim(rows_P, c * chunk, chunk)
-    logits_CxV = _chunk_logits(h_NxD[rows_C], w_DxV, b_V, dtype)
+    logits_CxV = chunk_logits(h_NxD[rows_C], w_DxV, b_V, dtype)
     lse_C = jax.nn.logsumexp(logits_CxV, axis=-1)
     tgt_C = jnp.take_along_axis(logits_CxV, target_N[rows_C][:, None], -1)[:, 0]
     valid_C = c * chunk + arange_C < count
@@ -68,19 +68,22 @@ def _forward(h_NxD, w_DxV, b_V, target_N, where_N, chunk, dtype):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _selected_ce(h_NxD, w_DxV, b_V, target_N, where_N, chunk, dtype):
-  return _forward(h_NxD, w_DxV, b_V, target_N, where_N, chunk, dtype)[0]
+  ce_N, (_, _, _, lse_N) = _forward(h_NxD, w_DxV, b_V, target_N, where_N,
+                                    chunk, dtype)
+  return ce_N, lse_N
 
 
 def _selected_ce_fwd(h_NxD, w_DxV, b_V, target_N, where_N, chunk, dtype):
   ce_N, (rows_P, count, n_chunks, lse_N) = _forward(
       h_NxD, w_DxV, b_V, target_N, where_N, chunk, dtype)
-  return ce_N, (h_NxD, w_DxV, b_V, target_N, where_N, rows_P, count,
-                n_chunks, lse_N)
+  return (ce_N, lse_N), (h_NxD, w_DxV, b_V, target_N, where_N, rows_P, count,
+                         n_chunks, lse_N)
 
 
-def _selected_ce_bwd(chunk, dtype, res, g_N):
+def _selected_ce_bwd(chunk, dtype, res, g):
   (h_NxD, w_DxV, b_V, target_N, where_N, rows_P, count, n_chunks,
    lse_N) = res
+  g_N, g_lse_N = g
   n, vocab = h_NxD.shape[0], w_DxV.shape[1]
   arange_C = jnp.arange(chunk, dtype=jnp.int32)
   vocab_V = jnp.arange(vocab, dtype=jnp.int32)
@@ -90,12 +93,15 @@ def _selected_ce_bwd(chunk, dtype, res, g_N):
     rows_C = jax.lax.dynamic_slice_in_dim(rows_P, c * chunk, chunk)
     valid_C = c * chunk + arange_C < count
     h_CxD = h_NxD[rows_C]
-    logits_CxV = _chunk_logits(h_CxD, w_DxV, b_V, dtype)
+    logits_CxV = chunk_logits(h_CxD, w_DxV, b_V, dtype)
     g_C = jnp.where(valid_C, g_N[rows_C], 0.0)
-    # d ce / d logits = softmax - onehot(target), times the cotangent.
+    g_lse_C = jnp.where(valid_C, g_lse_N[rows_C], 0.0)
+    # d ce / d logits = softmax - onehot(target), d lse / d logits = softmax,
+    # times their cotangents.
     onehot_CxV = vocab_V == target_N[rows_C][:, None]
-    dlogits_CxV = g_C[:, None] * (jnp.exp(logits_CxV - lse_N[rows_C][:, None])
-                                  - onehot_CxV)
+    softmax_CxV = jnp.exp(logits_CxV - lse_N[rows_C][:, None])
+    dlogits_CxV = (g_C[:, None] * (softmax_CxV - onehot_CxV)
+                   + g_lse_C[:, None] * softmax_CxV)
     dlogits_CxV = dlogits_CxV.astype(dtype)
     dh_CxD = jax.lax.dot_general(
         dlogits_CxV, w_DxV.astype(dtype), (((1,), (1,)), ((), ())),
@@ -129,5 +135,14 @@ def selected_cross_entropy(h_NxD: Array, w_DxV: Array, b_V: Array,
   where: bool [N]. Float32 [N]; differentiable in h, w and b. The matmuls run
   in `dtype` with float32 accumulation, as the model's head does.
   """
+  return selected_ce_and_lse(h_NxD, w_DxV, b_V, target_N, where_N,
+                             chunk=chunk, dtype=dtype)[0]
+
+
+def selected_ce_and_lse(h_NxD: Array, w_DxV: Array, b_V: Array,
+                        target_N: Array, where_N: Array, *, chunk: int = 128,
+                        dtype=jnp.float32) -> tuple[Array, Array]:
+  """(`selected_cross_entropy`, logsumexp(h @ W + b)) at the selected rows,
+  0 elsewhere; both differentiable (SEDD's score entropy needs the two)."""
   return _selected_ce(h_NxD, w_DxV, b_V, target_N.astype(jnp.int32),
                       where_N.astype(bool), chunk, jnp.dtype(dtype))

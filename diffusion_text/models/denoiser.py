@@ -28,10 +28,11 @@ from flax import nnx
 
 from diffusion_text.config import ModelConfig, compute_dtype
 from diffusion_text.models.conditioning import MonotoneGamma, TimeEmbedding
-from diffusion_text.models.cross_entropy import selected_cross_entropy
+from diffusion_text.models.cross_entropy import (chunk_logits,
+                                                 selected_ce_and_lse)
 from diffusion_text.models.layers import (MLP, Attention, dense_init,
                                           layer_norm, modulate)
-from diffusion_text.contract import ModelSpec
+from diffusion_text.contract import ModelSpec, map_rows
 
 Array = jax.Array
 
@@ -122,15 +123,46 @@ class Transformer(nnx.Module):
     positions, but runs the head and its softmax only there, fused (see
     `models.cross_entropy`). Processes reach it as `Denoiser.target_nll`.
     """
+    return self.target_lse(x, t_B, target_BxL, where_BxL)[0]
+
+  def target_lse(self, x: Array, t_B: Array, target_BxL: Array,
+                 where_BxL: Array, classes: Optional[int] = None
+                 ) -> tuple[Array, Array]:
+    """(-log softmax(logits)[target], logsumexp(logits)) [B, L] where
+    `where`, over the first `classes` outputs (all by default); fused like
+    `target_nll`. Processes reach it as `Denoiser.target_lse`."""
     if self.spec.output != "logits":
-      raise ValueError("target_nll needs a logits head")
+      raise ValueError("target_nll / target_lse need a logits head")
     h_BxLxD = self._features(x, t_B)
     b, length, d = h_BxLxD.shape
-    ce_N = selected_cross_entropy(
-        h_BxLxD.reshape(b * length, d), self.head.kernel[...],
-        self.head.bias[...], target_BxL.reshape(-1), where_BxL.reshape(-1),
-        dtype=self.dtype)
-    return ce_N.reshape(b, length)
+    ce_N, lse_N = selected_ce_and_lse(
+        h_BxLxD.reshape(b * length, d), self.head.kernel[:, :classes],
+        self.head.bias[:classes], target_BxL.reshape(-1),
+        where_BxL.reshape(-1), dtype=self.dtype)
+    return ce_N.reshape(b, length), lse_N.reshape(b, length)
+
+  def map_logits(self, x: Array, t_B: Array, fn, rows,
+                 self_cond: Optional[Array] = None):
+    """fn(logits [C, V], rows of C positions) over chunks of positions.
+
+    Equals `fn(self(x, t_B, self_cond).reshape(B * L, V), rows flattened)`
+    reshaped to [B, L, ...], but the head runs a chunk of positions at a
+    time inside `contract.map_rows`, so neither pass holds [B, L, V] logits.
+    Processes reach it as `Denoiser.map_logits`.
+    """
+    if self.spec.output != "logits":
+      raise ValueError("map_logits needs a logits head")
+    h_BxLxD = self._features(x, t_B, self_cond)
+    b, length, d = h_BxLxD.shape
+    kernel_DxV, bias_V = self.head.kernel[...], self.head.bias[...]
+
+    def chunk(args):
+      h_CxD, rows_C = args
+      return fn(chunk_logits(h_CxD, kernel_DxV, bias_V, self.dtype), rows_C)
+
+    flat = jax.tree.map(lambda a: a.reshape(b * length, *a.shape[2:]), rows)
+    out = map_rows(chunk, (h_BxLxD.reshape(b * length, d), flat))
+    return jax.tree.map(lambda a: a.reshape(b, length, *a.shape[1:]), out)
 
   def _features(self, x: Array, t_B: Array,
                 self_cond: Optional[Array] = None) -> Array:

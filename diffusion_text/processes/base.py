@@ -72,6 +72,38 @@ def target_nll(denoiser: Denoiser, x_t: Array, t_B: Array,
   return cross_entropy(denoiser.predict(x_t, t_B), target_BxL)
 
 
+def target_lse(denoiser: Denoiser, x_t: Array, t_B: Array,
+               target_BxL: Array, where_BxL: Array,
+               classes: Optional[int] = None) -> tuple[Array, Array]:
+  """(-log p(target | x_t), logsumexp of the logits) [B, L] over the first
+  `classes` outputs, needed only where `where` (fused when the backbone
+  offers `Denoiser.target_lse`; values off `where` are arbitrary)."""
+  if denoiser.target_lse is not None:
+    return denoiser.target_lse(x_t, t_B, target_BxL, where_BxL, classes)
+  logits_BxLxV = denoiser.predict(x_t, t_B)[..., :classes]
+  return (cross_entropy(logits_BxLxV, target_BxL),
+          jax.nn.logsumexp(logits_BxLxV.astype(jnp.float32), axis=-1))
+
+
+def map_logits(denoiser: Denoiser, x_t: Array, t_B: Array, fn, rows,
+               **predict_kwargs):
+  """fn(logits [N, V], rows [N, ...]) per position, as pytrees of [B, L, ...].
+
+  For losses that need vocabulary-sized sums at every position (uniform
+  D3PM and SEDD, Gaussian x0-hat): a backbone that offers
+  `Denoiser.map_logits` runs its head and `fn` a chunk of positions at a
+  time (no [B, L, V] array in either pass); otherwise `fn` sees the dense
+  logits of `predict`. `fn` must act row by row.
+  """
+  if denoiser.map_logits is not None:
+    return denoiser.map_logits(x_t, t_B, fn, rows, **predict_kwargs)
+  logits_BxLxV = denoiser.predict(x_t, t_B, **predict_kwargs)
+  b, length, vocab = logits_BxLxV.shape
+  flat = lambda a: a.reshape(b * length, *a.shape[2:])
+  out = fn(flat(logits_BxLxV.astype(jnp.float32)), jax.tree.map(flat, rows))
+  return jax.tree.map(lambda a: a.reshape(b, length, *a.shape[1:]), out)
+
+
 def bound_as_loss(bound: Bound, mask_BxL: Array) -> LossOutput:
   """The training objective of processes trained on their bound itself
   (masked, SEDD, continuous-time Gaussian): the bound per token."""

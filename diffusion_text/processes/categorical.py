@@ -32,11 +32,11 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import xlogy
 
-from diffusion_text.contract import cross_entropy
 from diffusion_text.processes import transitions
 from diffusion_text.processes.base import (Bound, Denoiser, LossOutput,
                                            ModelSpec, Process, SamplingOptions,
-                                           make_bound, masked_sum, per_token)
+                                           make_bound, map_logits, masked_sum,
+                                           per_token, target_nll)
 from diffusion_text.processes.schedules import check_schedule, make_schedule
 
 Array = jax.Array
@@ -99,6 +99,11 @@ class D3PM(Process):
 
   def _ce_positions(self, x_t: Array) -> Array:
     """Where the auxiliary CE(x0 | x_t) is taken (bool [B, L])."""
+    raise NotImplementedError
+
+  def _position_terms(self, denoiser, x_t, t_B, x0, a_s, a_t):
+    """(L(s, t), -log p~(x0 | x_t)) per position [B, L], the latter needed
+    only at `_ce_positions`; each family computes them where they live."""
     raise NotImplementedError
 
   def _prior_kl(self, a_T: Array) -> Array:
@@ -181,12 +186,9 @@ class D3PM(Process):
     i_B = jnp.round(t_B * self.num_steps).astype(jnp.int32)
     s_B = (i_B - 1) / self.num_steps
     x_t = self.corrupt(noise_key, x0, t_B)
-    logits_BxLxV = denoiser.predict(x_t, t_B).astype(jnp.float32)
-    lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-    nll_BxL = cross_entropy(logits_BxLxV, x0)  # -log p~(x0 | x_t)
     a_s, a_t = self.alpha_bar(s_B[:, None]), self.alpha_bar(t_B[:, None])
-    step_B = self.num_steps * masked_sum(
-        self._step_term(logits_BxLxV, lse_BxL, x_t, x0, a_s, a_t), mask)
+    step_BxL, nll_BxL = self._position_terms(denoiser, x_t, t_B, x0, a_s, a_t)
+    step_B = self.num_steps * masked_sum(step_BxL, mask)
     prior_B = masked_sum(
         jnp.broadcast_to(self._prior_kl(self.alpha_bar(1.0)), mask.shape), mask)
     first = i_B == 1
@@ -275,6 +277,19 @@ class D3PMUniform(D3PM):
   def _ce_positions(self, x_t):
     return jnp.ones(x_t.shape, bool)
 
+  def _position_terms(self, denoiser, x_t, t_B, x0, a_s, a_t):
+    # Every position needs O(V) sums of its logits: a chunk of positions at
+    # a time (base.map_logits), never [B, L, V] log-probabilities.
+    def terms(logits_NxV, rows):
+      x_t_N, x0_N, a_s_N, a_t_N = rows
+      lse_N = jax.nn.logsumexp(logits_NxV, axis=-1)
+      return (self._step_term(logits_NxV, lse_N, x_t_N, x0_N, a_s_N, a_t_N),
+              lse_N - _take(logits_NxV, x0_N))
+
+    rows = (x_t, x0, jnp.broadcast_to(a_s, x_t.shape),
+            jnp.broadcast_to(a_t, x_t.shape))
+    return map_logits(denoiser, x_t, t_B, terms, rows)
+
   def _prior_kl(self, a_T):
     v = self.vocab_size
     c = (1.0 - a_T) / v
@@ -331,12 +346,20 @@ class D3PMAbsorbing(D3PM):
   def _step_term(self, logits_BxLxV, lse_BxL, x_t, x0, a_s, a_t):
     # Zero unless x_t is masked; there q(x_s = x0 | ...) = (a_s - a_t)/(1 - a_t)
     # and p puts p~ on the same mass, so KL = that weight times -log p~(x0).
-    weight = (a_s - a_t) / jnp.maximum(1.0 - a_t, _TINY)
     nll = lse_BxL - _take(logits_BxLxV, x0)  # cross_entropy, lse reused
+    return self._masked_step(nll, x_t, a_s, a_t)
+
+  def _masked_step(self, nll, x_t, a_s, a_t):
+    weight = (a_s - a_t) / jnp.maximum(1.0 - a_t, _TINY)
     return jnp.where(x_t == self.mask_id, weight * nll, 0.0)
 
   def _ce_positions(self, x_t):
     return x_t == self.mask_id
+
+  def _position_terms(self, denoiser, x_t, t_B, x0, a_s, a_t):
+    # Both terms live at [MASK] only: the head and softmax run there alone.
+    nll = target_nll(denoiser, x_t, t_B, x0, x_t == self.mask_id)
+    return self._masked_step(nll, x_t, a_s, a_t), nll
 
   def _prior_kl(self, a_T):
     # KL(a_T e_x0 + (1 - a_T) e_m || e_m): infinite unless a_T = 0.

@@ -15,8 +15,8 @@ residual on top of the exact eps for uniform tokens on the table E,
 t = 0 the tokens are resolved, eps_base is the drawn eps to float precision,
 and the SNR-ratio weight no longer amplifies network error; with the
 backbone's zero-initialised head the model starts at eps_base. Cost: a
-[B, L, V] softmax and two V x D matmuls per call (fine for small V; for a
-large vocabulary it dominates memory as a logits head would).
+V-way softmax and two V x D matmuls per position, computed a chunk of
+positions at a time (`contract.map_rows`), so no [B, L, V] array is held.
 
 Training objective (`loss`), per real token:
   L_simple = ||eps - eps_hat(x_t, t)||^2 / D                      (Ho eq. 14)
@@ -67,7 +67,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from diffusion_text.contract import cross_entropy
+from diffusion_text.contract import cross_entropy, map_rows
+from diffusion_text.processes.gaussian_posterior import posterior_mean
 from diffusion_text.processes.base import (Array, Bound, Denoiser,
                                            LossOutput, ModelSpec, Process,
                                            SamplingOptions, make_bound,
@@ -180,14 +181,14 @@ class GaussianProcess(Process):
             / jnp.maximum(1.0 - ab_t, _TINY))
 
   def _complete(self, denoiser: Denoiser, x_t: Array, t_B: Array,
-                net: Array) -> tuple[Array, Array]:
-    """(x0_hat, eps_hat) from the network output `net` at (x_t, t_B)."""
+                net: Array, resolved: bool = False) -> tuple[Array, Array]:
+    """(x0_hat, eps_hat) from the network output `net` at (x_t, t_B);
+    `resolved`: see `gaussian_posterior.posterior_mean`."""
     ab_t = _bcast(self.alpha_bar(t_B), x_t)
     if not self.base_eps:
       return (x_t - jnp.sqrt(1.0 - ab_t) * net) / jnp.sqrt(ab_t), net
-    table_VxD = self.embedding_table(denoiser)
-    probs_BxLxV = jax.nn.softmax(self.base_logits(x_t, t_B, table_VxD), -1)
-    x0_base = jnp.einsum("blv,vd->bld", probs_BxLxV, table_VxD)
+    x0_base = posterior_mean(self.base_logits, x_t, t_B,
+                             self.embedding_table(denoiser), resolved)
     eps_base = ((x_t - jnp.sqrt(ab_t) * x0_base)
                 / jnp.sqrt(jnp.maximum(1.0 - ab_t, _TINY)))
     # x0_hat from x0_base directly: no x_t - sqrt(1-ab) eps cancellation.
@@ -269,18 +270,29 @@ class GaussianProcess(Process):
 
   def _predict_pair(self, denoiser: Denoiser, x_a: Array, t_a: Array,
                     x_1: Array) -> tuple[Array, Array]:
-    """eps_hat at (x_a, t_a) and x0_hat at (x_1, 1/T), one network call."""
+    """eps_hat at (x_a, t_a) and x0_hat at (x_1, 1/T), one network call.
+
+    At t = 1/T the tokens are resolved, so x0_base(x_1) takes the exact
+    one-hot shortcut of `posterior_mean` when it applies."""
     batch = x_a.shape[0]
+    t_1 = jnp.full((batch,), 1.0 / self.num_steps)
     x = jnp.concatenate([x_a, x_1])
-    t = jnp.concatenate([t_a, jnp.full((batch,), 1.0 / self.num_steps)])
-    x0_hat, eps_hat = self._complete(
-        denoiser, x, t, denoiser.predict(x, t).astype(jnp.float32))
-    return eps_hat[:batch], x0_hat[batch:]
+    net = denoiser.predict(x, jnp.concatenate([t_a, t_1])).astype(jnp.float32)
+    _, eps_hat = self._complete(denoiser, x_a, t_a, net[:batch])
+    x0_hat_1, _ = self._complete(denoiser, x_1, t_1, net[batch:],
+                                 resolved=True)
+    return eps_hat, x0_hat_1
 
   def _reconstruction(self, denoiser: Denoiser, x0_hat_1: Array,
                       tokens: Array) -> Array:
-    """-log p(w | x_1) per position [B, L], from x0_hat(x_1)."""
-    return cross_entropy(denoiser.round_logits(x0_hat_1), tokens)
+    """-log p(w | x_1) per position [B, L], from x0_hat(x_1), a chunk of
+    positions at a time (no [B, L, V] rounding logits)."""
+    def nll(rows):
+      x_Nx1xD, w_Nx1 = rows
+      return cross_entropy(denoiser.round_logits(x_Nx1xD), w_Nx1)
+
+    return map_rows(nll, (x0_hat_1.reshape(-1, 1, x0_hat_1.shape[-1]),
+                          tokens.reshape(-1, 1))).reshape(tokens.shape)
 
   def loss(self, key: Array, denoiser: Denoiser, tokens: Array,
            mask: Array) -> LossOutput:

@@ -55,11 +55,11 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from diffusion_text.contract import cross_entropy
+from diffusion_text.contract import cross_entropy, map_rows
 from diffusion_text.processes.base import (Array, Bound, Denoiser, LossOutput,
                                            ModelSpec, Process, SamplingOptions,
                                            bound_as_loss, make_bound,
-                                           masked_sum)
+                                           map_logits, masked_sum)
 from diffusion_text.processes.schedules import check_schedule, make_schedule
 
 
@@ -165,21 +165,41 @@ class GaussianVLBProcess(Process):
       logits_BxLxV = denoiser.predict(z_BxLxD, t_B, self_cond=self_cond)
     else:
       logits_BxLxV = denoiser.predict(z_BxLxD, t_B)
-    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
-    if self.base_logits:
-      snr_B = jnp.exp(-gamma_B)
-      alpha_B, _ = alpha_sigma(gamma_B)
-      # alpha / sigma^2 = alpha * (1 + SNR), stable for very negative gamma.
-      scale_B = alpha_B * (1.0 + snr_B)
-      sqnorm_V = jnp.sum(e_VxD ** 2, axis=-1)
-      logits_BxLxV = (
-          logits_BxLxV
-          + scale_B[:, None, None] * jnp.einsum("bld,vd->blv", z_BxLxD, e_VxD)
-          - 0.5 * snr_B[:, None, None] * sqnorm_V)
-    return logits_BxLxV
+    return self._add_base(logits_BxLxV.astype(jnp.float32), z_BxLxD,
+                          gamma_B[:, None], e_VxD)
+
+  def _add_base(self, logits_NxV: Array, z_NxD: Array, gamma_N: Array,
+                e_VxD: Array) -> Array:
+    """Logits plus the exact Gaussian part; gamma has z's leading shape
+    (or broadcasts to it)."""
+    if not self.base_logits:
+      return logits_NxV
+    snr_N = jnp.exp(-gamma_N)
+    alpha_N, _ = alpha_sigma(gamma_N)
+    # alpha / sigma^2 = alpha * (1 + SNR), stable for very negative gamma.
+    scale_N = alpha_N * (1.0 + snr_N)
+    sqnorm_V = jnp.sum(e_VxD ** 2, axis=-1)
+    return (logits_NxV
+            + scale_N[..., None] * jnp.einsum("...d,vd->...v", z_NxD, e_VxD)
+            - 0.5 * snr_N[..., None] * sqnorm_V)
 
   def _x0hat(self, logits_BxLxV: Array, e_VxD: Array) -> Array:
-    return jnp.einsum("blv,vd->bld", jax.nn.softmax(logits_BxLxV, -1), e_VxD)
+    return jnp.einsum("...v,vd->...d", jax.nn.softmax(logits_BxLxV, -1), e_VxD)
+
+  def _net_x0hat(self, denoiser: Denoiser, z_BxLxD: Array, t_B: Array,
+                 gamma_B: Array, e_VxD: Array,
+                 self_cond: Optional[Array]) -> Array:
+    """`_x0hat(_logits(...))` a chunk of positions at a time
+    (base.map_logits): no [B, L, V] logits or softmax in either pass."""
+    def x0hat(logits_NxV, rows):
+      z_NxD, gamma_N = rows
+      return self._x0hat(self._add_base(logits_NxV, z_NxD, gamma_N, e_VxD),
+                         e_VxD)
+
+    kwargs = {"self_cond": self_cond} if self.self_conditioning else {}
+    gamma_BxL = jnp.broadcast_to(gamma_B[:, None], z_BxLxD.shape[:2])
+    return map_logits(denoiser, z_BxLxD, t_B, x0hat, (z_BxLxD, gamma_BxL),
+                      **kwargs)
 
   def predict_x0(self, denoiser: Denoiser, z_BxLxD: Array, t_B: Array,
                  gamma_B: Array, e_VxD: Array,
@@ -187,22 +207,20 @@ class GaussianVLBProcess(Process):
     """x0-hat(z_t). With self-conditioning: the two-pass prediction, or with
     `self_cond_key` (training) the second pass only on a coin flip."""
     if not self.self_conditioning:
-      return self._x0hat(
-          self._logits(denoiser, z_BxLxD, t_B, gamma_B, e_VxD, None), e_VxD)
+      return self._net_x0hat(denoiser, z_BxLxD, t_B, gamma_B, e_VxD, None)
     zeros = jnp.zeros_like(z_BxLxD)
 
     def first_pass():
-      logits = self._logits(denoiser, z_BxLxD, t_B, gamma_B, e_VxD, zeros)
-      return jax.lax.stop_gradient(self._x0hat(logits, e_VxD))
+      return jax.lax.stop_gradient(self._net_x0hat(
+          denoiser, z_BxLxD, t_B, gamma_B, e_VxD, zeros))
 
     if self_cond_key is None:
       cond_BxLxD = first_pass()
     else:
       use = jax.random.bernoulli(self_cond_key, self.self_cond_rate)
       cond_BxLxD = jax.lax.cond(use, first_pass, lambda: zeros)
-    return self._x0hat(
-        self._logits(denoiser, z_BxLxD, t_B, gamma_B, e_VxD, cond_BxLxD),
-        e_VxD)
+    return self._net_x0hat(denoiser, z_BxLxD, t_B, gamma_B, e_VxD,
+                           cond_BxLxD)
 
   def decoder_logits(self, z0_BxLxD: Array, e_VxD: Array,
                      gamma0: Array) -> Array:
@@ -230,8 +248,11 @@ class GaussianVLBProcess(Process):
     eps0_BxLxD = jax.random.normal(rec_key, x_BxLxD.shape, jnp.float32)
     z0_BxLxD = alpha_sigma(gamma0)[0] * (
         x_BxLxD + jnp.exp(0.5 * gamma0) * eps0_BxLxD)
-    rec_BxL = cross_entropy(self.decoder_logits(z0_BxLxD, e_VxD, gamma0),
-                            tokens)
+    rec_BxL = map_rows(  # a chunk of positions at a time, no [B, L, V]
+        lambda rows: cross_entropy(self.decoder_logits(rows[0], e_VxD, gamma0),
+                                   rows[1]),
+        (z0_BxLxD.reshape(-1, 1, self.latent_dim),
+         tokens.reshape(-1, 1))).reshape(tokens.shape)
     # Diffusion: VDM eq. 17 with x-prediction, one antithetic t per sequence.
     t_B = self.sample_time(t_key, batch)
     gamma_B, dgamma_B = self.gamma_and_slope(t_B, denoiser)

@@ -54,7 +54,7 @@ Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
-class MaskedProcess(base.Process):
+class MaskedProcess(transitions.AbsorbingStates, base.Process):
   """Continuous-time absorbing diffusion (MDLM / MD4)."""
 
   schedule: str = "linear"        # 'linear' (alpha = 1 - t), 'cosine', ...
@@ -73,14 +73,6 @@ class MaskedProcess(base.Process):
       raise ValueError(f"t_min must be in [0, 1), got {self.t_min}")
 
   # ---- schedule ------------------------------------------------------------
-  @property
-  def transition(self) -> transitions.Absorbing:
-    return transitions.Absorbing(self.vocab_size)
-
-  @property
-  def mask_id(self) -> int:
-    return self.transition.mask_id
-
   @property
   def noise_schedule(self) -> Schedule:
     return make_schedule(self.schedule)

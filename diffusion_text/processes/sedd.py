@@ -89,9 +89,11 @@ class _SEDD(base.Process):
 
   Each graph defines: `transition` (transitions.py: the absorbing or uniform
   family of exp(sigma_bar Q), which fixes K, [MASK] and the marginals);
-  rate_matrix() Q [K, K] (row x: rates x -> y); prior; log_score (post-processed network output); dwdse (sigma(t) times the score
-  entropy, per position); decoder_log_probs (log p_dec(x0 | x_t), Tweedie to
-  noise 0); prior_kl_per_token; reverse_probs (unnormalised p(x_s | x_t)).
+  rate_matrix() Q [K, K] (row x: rates x -> y); prior; score_from_raw (the
+  post-processed network output; `log_score` applies it to `predict`); dwdse
+  (sigma(t) times the score entropy, per position); decoder_log_probs
+  (log p_dec(x0 | x_t), Tweedie to noise 0); prior_kl_per_token;
+  reverse_probs (unnormalised p(x_s | x_t)).
   """
 
   schedule: str = "loglinear"     # 'loglinear' or 'geometric' (schedules.py)
@@ -202,11 +204,10 @@ class _SEDD(base.Process):
     time_key, noise_key = jax.random.split(key)
     t_B, recon_B = self._times(time_key, tokens.shape[0])
     x_t = self.corrupt(noise_key, tokens, t_B)
-    score = self.log_score(denoiser, x_t, t_B)
+    dwdse_BxL, log_dec_BxL = self._position_terms(denoiser, x_t, tokens, t_B)
     real = mask.astype(bool)
-    dwdse_B = base.masked_sum(self.dwdse(score, x_t, tokens, t_B), real)
-    nll_dec_B = -base.masked_sum(
-        self.decoder_log_probs(score, x_t, tokens, t_B), real)
+    dwdse_B = base.masked_sum(dwdse_BxL, real)
+    nll_dec_B = -base.masked_sum(log_dec_BxL, real)
     n_B = jnp.sum(real, axis=-1).astype(jnp.float32)
     weight = (1.0 - self.t_min) / (1.0 - self.recon_prob)
     return base.make_bound({
@@ -214,6 +215,27 @@ class _SEDD(base.Process):
         "reconstruction": jnp.where(recon_B, nll_dec_B / self.recon_prob, 0.0),
         "prior": n_B * self.prior_kl_per_token(),
     })
+
+  def _position_terms(self, denoiser: base.Denoiser, x_t: Array, x0: Array,
+                      t_B: Array) -> tuple[Array, Array]:
+    """(dwdse, log p_dec(x0 | x_t)) per position [B, L] from the network's
+    raw output a chunk of positions at a time (base.map_logits): both are
+    O(K) sums per position, and no [B, L, K] score is ever held."""
+    def terms(raw_NxK, rows):
+      x_t_N, x0_N, t_N = rows
+      score_NxK = self.score_from_raw(raw_NxK, x_t_N, t_N)
+      return (self.dwdse(score_NxK, x_t_N, x0_N, t_N),
+              self.decoder_log_probs(score_NxK, x_t_N, x0_N, t_N))
+
+    t_BxL = jnp.broadcast_to(t_B[:, None], x_t.shape)
+    return base.map_logits(denoiser, x_t, self.network_time(t_B), terms,
+                           (x_t, x0, t_BxL))
+
+  def log_score(self, denoiser: base.Denoiser, x_t: Array,
+                t_B: Array) -> Array:
+    """The post-processed network output [B, L, .] (see `score_from_raw`)."""
+    raw = denoiser.predict(x_t, self.network_time(t_B))
+    return self.score_from_raw(raw, x_t, _expand(t_B, x_t.ndim))
 
   def loss(self, key: Array, denoiser: base.Denoiser, tokens: Array,
            mask: Array) -> base.LossOutput:
@@ -241,7 +263,7 @@ class _SEDD(base.Process):
 
 
 @dataclasses.dataclass(frozen=True)
-class SEDDAbsorb(_SEDD):
+class SEDDAbsorb(transitions.AbsorbingStates, _SEDD):
   """SEDD with Q_absorb: states 0..V-1 and [MASK] = V.
 
   The score is kept as log s_hat = log s - log(alpha / (1 - alpha)) over the V
@@ -261,41 +283,53 @@ class SEDDAbsorb(_SEDD):
     if self.noise_schedule.alpha_end() == 0.0 and not self.scale_by_sigma:
       raise ValueError("eps=0 (sigma_bar(1) = inf) needs scale_by_sigma=True")
 
-  @property
-  def transition(self) -> transitions.Absorbing:
-    return transitions.Absorbing(self.vocab_size)
-
-  @property
-  def mask_id(self) -> int:
-    return self.transition.mask_id
-
   def rate_matrix(self) -> Array:
     k = self.num_states
     q_KxK = jnp.zeros((k, k)).at[:, self.mask_id].set(1.0) - jnp.eye(k)
     return q_KxK.at[self.mask_id].set(0.0)
 
-  def log_score(self, denoiser: base.Denoiser, x_t: Array,
-                t_B: Array) -> Array:
-    """log s_hat [B, L, V] from the network's raw output [B, L, V+1]."""
-    raw_BxLxV = denoiser.predict(x_t, self.network_time(t_B))
-    raw_BxLxV = raw_BxLxV[..., :self.vocab_size]
-    raw_BxLxV = raw_BxLxV.astype(jnp.float32)
+  def score_from_raw(self, raw_BxLxK: Array, x_t: Array, t: Array) -> Array:
+    """log s_hat [B, L, V] from the network's raw output [B, L, V+1]; t
+    broadcasts against x_t (any leading shape)."""
+    raw_BxLxV = raw_BxLxK[..., :self.vocab_size].astype(jnp.float32)
     if self.scale_by_sigma:
       return raw_BxLxV - math.log(self.vocab_size)
     s = self.noise_schedule
-    odds_B = jnp.log(s.one_minus_alpha(t_B)) - jnp.log(s.alpha(t_B))
-    return raw_BxLxV + odds_B[:, None, None]
+    odds = jnp.log(s.one_minus_alpha(t)) - jnp.log(s.alpha(t))
+    return raw_BxLxV + _expand(odds, x_t.ndim)[..., None]
 
   def dwdse(self, score: Array, x_t: Array, x0: Array, t_B: Array) -> Array:
     """sigma(t) * score entropy per position [B, L] (graph_lib.score_entropy:
-    ratio (sum s_hat - log s_hat_x0 - 1) at [MASK], ratio = alpha/(1-alpha))."""
-    s = self.noise_schedule
-    weight_B = -s.dalpha(t_B) / s.one_minus_alpha(t_B)   # = sigma * ratio
+    ratio (sum s_hat - log s_hat_x0 - 1) at [MASK], ratio = alpha/(1-alpha));
+    t: [B] or one per position."""
     lse_BxL = jax.nn.logsumexp(score, axis=-1)
     target_BxL = jnp.take_along_axis(score, x0[..., None], -1)[..., 0]
+    return self._weighted_se(lse_BxL, target_BxL, x_t, t_B)
+
+  def _weighted_se(self, lse_BxL: Array, target_BxL: Array, x_t: Array,
+                   t: Array) -> Array:
+    """dwdse from the score's logsumexp and its value at x0."""
+    s = self.noise_schedule
+    weight = -s.dalpha(t) / s.one_minus_alpha(t)   # = sigma * ratio
     # sum s_hat - 1 - log s_hat_x0 >= expm1(lse) - lse >= 0, stably.
     se_BxL = jnp.expm1(lse_BxL) - target_BxL
-    return jnp.where(x_t == self.mask_id, weight_B[:, None] * se_BxL, 0.0)
+    return jnp.where(x_t == self.mask_id,
+                     _expand(weight, x_t.ndim) * se_BxL, 0.0)
+
+  def _position_terms(self, denoiser: base.Denoiser, x_t: Array, x0: Array,
+                      t_B: Array) -> tuple[Array, Array]:
+    """Both terms live at [MASK] only and need two numbers there, the
+    score's logsumexp and its value at x0: the fused head at masked
+    positions (base.target_lse) over the V data columns gives both."""
+    at_mask = x_t == self.mask_id
+    ce_BxL, lse_raw_BxL = base.target_lse(
+        denoiser, x_t, self.network_time(t_B), x0, at_mask, self.vocab_size)
+    # score = raw + shift (score_from_raw), so lse shifts and ce does not.
+    shift = self.score_from_raw(jnp.zeros((1, 1, self.vocab_size)),
+                                x_t[:1, :1], _expand(t_B, 2))[..., 0]
+    lse_BxL = lse_raw_BxL + shift
+    return (self._weighted_se(lse_BxL, lse_BxL - ce_BxL, x_t, t_B),
+            jnp.where(at_mask, -ce_BxL, 0.0))
 
   def decoder_log_probs(self, score: Array, x_t: Array, x0: Array,
                         t_B: Array) -> Array:

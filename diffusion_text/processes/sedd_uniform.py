@@ -49,12 +49,10 @@ class SEDDUniform(_SEDD):
     k = self.num_states
     return jnp.full((k, k), 1.0 / k) - jnp.eye(k)
 
-  def log_score(self, denoiser: base.Denoiser, x_t: Array,
-                t_B: Array) -> Array:
-    raw_BxLxK = denoiser.predict(x_t, self.network_time(t_B))
-    raw_BxLxK = raw_BxLxK.astype(jnp.float32)
+  def score_from_raw(self, raw_BxLxK: Array, x_t: Array, t: Array) -> Array:
+    del t
     current_BxLxK = jax.nn.one_hot(x_t, self.num_states, dtype=bool)
-    return jnp.where(current_BxLxK, 0.0, raw_BxLxK)
+    return jnp.where(current_BxLxK, 0.0, raw_BxLxK.astype(jnp.float32))
 
   def dwdse(self, score: Array, x_t: Array, x0: Array, t_B: Array) -> Array:
     """sigma(t) * score entropy per position [B, L] (graph_lib.score_entropy).
@@ -62,6 +60,7 @@ class SEDDUniform(_SEDD):
     (1/K) sum_{y != x} r_y h(log s_y - log r_y), h(d) = e^d - 1 - d >= 0,
     with the true ratios r_y = rho (x = x0, rho = (1-a)/(1-a+Ka)), 1/rho
     (y = x0 != x) or 1: the reference's pos - neg + const, term by term.
+    t: [B] or one per position.
     """
     k = self.num_states
     sch = self.noise_schedule
@@ -70,13 +69,14 @@ class SEDDUniform(_SEDD):
     y_K = jnp.arange(k)
     at_x0_BxLxK = y_K == x0[..., None]
     clean_BxLx1 = (x_t == x0)[..., None]
-    log_rho = log_rho_B[:, None, None]
+    log_rho = _expand(log_rho_B, x_t.ndim + 1)
     log_r_BxLxK = jnp.where(clean_BxLx1, log_rho,
                             jnp.where(at_x0_BxLxK, -log_rho, 0.0))
     d_BxLxK = score - log_r_BxLxK
     term_BxLxK = jnp.exp(log_r_BxLxK) * (jnp.expm1(d_BxLxK) - d_BxLxK)
     term_BxLxK = jnp.where(y_K == x_t[..., None], 0.0, term_BxLxK)
-    return sch.rate(t_B)[:, None] * jnp.sum(term_BxLxK, axis=-1) / k
+    rate = _expand(sch.rate(t_B), x_t.ndim)
+    return rate * jnp.sum(term_BxLxK, axis=-1) / k
 
   def _tweedie(self, score: Array, x_t: Array, beta) -> Array:
     """Unnormalised Tweedie p(x_s | x_t) [B, L, K], beta = alpha_t/alpha_s:

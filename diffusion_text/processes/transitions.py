@@ -147,3 +147,16 @@ class Absorbing(Transition):
     """KL(alpha_1 delta_x0 + (1 - alpha_1) delta_M || p_base) per token:
     alpha_1 log V."""
     return alpha_1 * math.log(self.vocab_size)
+
+
+class AbsorbingStates:
+  """Mixin for processes over V tokens plus [MASK] (masked, SEDD-absorb):
+  their `transition` and `mask_id`, defined once."""
+
+  @property
+  def transition(self) -> Absorbing:
+    return Absorbing(self.vocab_size)
+
+  @property
+  def mask_id(self) -> int:
+    return self.transition.mask_id
