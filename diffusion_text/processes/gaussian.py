@@ -73,26 +73,13 @@ from diffusion_text.processes.base import (Array, Bound, Denoiser,
                                            LossOutput, ModelSpec, Process,
                                            SamplingOptions, make_bound,
                                            masked_sum, per_token)
-from diffusion_text.processes.gaussian_choices import (PROPOSALS,
-                                                       REVERSE_VARIANCES,
-                                                       SAMPLER_STEPS,
-                                                       TRAIN_DRAWS)
+from diffusion_text.processes.gaussian_choices import (
+    PROPOSALS, REVERSE_VARIANCES, SAMPLER_STEPS, TRAIN_DRAWS, bcast as _bcast,
+    check_choice as _check)
 from diffusion_text.processes.schedules import (Schedule, check_schedule,
                                                 make_schedule)
 
 _TINY = 1e-12
-
-
-def _bcast(v: Array, x: Array) -> Array:
-  """A scalar or per-example [B] value shaped to broadcast against x [B, ...]."""
-  v = jnp.asarray(v, jnp.float32)
-  return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
-
-
-def _check(name: str, value: str, registry) -> None:
-  if value not in registry:
-    raise ValueError(f"unknown {name} {value!r} for process 'gaussian'; "
-                     f"choose one of: {', '.join(registry)}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+
+def bcast(v, x):
+  """A scalar or per-example [B] value shaped to broadcast against x [B, ...]."""
+  v = jnp.asarray(v, jnp.float32)
+  return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
+
+
+def check_choice(name: str, value: str, registry) -> None:
+  if value not in registry:
+    raise ValueError(f"unknown {name} {value!r} for process 'gaussian'; "
+                     f"choose one of: {', '.join(registry)}")
+
+
 Array = jax.Array
 
 _TINY = 1e-12
