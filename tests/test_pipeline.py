@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from diffusion_text import config as config_lib
 from diffusion_text.config import Config, ConfigError, DataConfig
 from diffusion_text.data import detokenizers, pipeline, tokenizers
 
@@ -232,5 +233,7 @@ def test_clear_errors(tmp_path, data_dir, monkeypatch):
   with pytest.raises(ConfigError, match="DIFFUSION_TEXT_DATA or data.data_dir"):
     pipeline.prepare(_cfg(tmp_path, data_dir=str(tmp_path / "missing")))
   monkeypatch.delenv("DIFFUSION_TEXT_DATA")
+  # Outside a source checkout (no ../shared/data default) and no env var.
+  monkeypatch.setattr(config_lib, "_source_checkout", lambda: False)
   with pytest.raises(ConfigError, match="DIFFUSION_TEXT_DATA"):
     pipeline.prepare(_cfg(tmp_path))

@@ -5,6 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
+from diffusion_text import config as config_lib
 from diffusion_text.config import ConfigError
 from diffusion_text.data import sources
 
@@ -82,6 +83,8 @@ def test_clear_errors(tmp_path, monkeypatch, data_dir):
   with pytest.raises(ConfigError, match="ptb.train.txt.*DIFFUSION_TEXT_DATA"):
     sources.get_source("ptb", tmp_path)   # exists, but holds no corpus
   monkeypatch.delenv("DIFFUSION_TEXT_DATA")
+  # Outside a source checkout (no ../shared/data default) and no env var.
+  monkeypatch.setattr(config_lib, "_source_checkout", lambda: False)
   with pytest.raises(ConfigError, match="DIFFUSION_TEXT_DATA"):
     sources.get_source("lambada")
   with pytest.raises(ConfigError, match="no split 'train'"):
