@@ -38,7 +38,7 @@ from diffusion_text import binding, sampling, sharding, step as step_lib
 from diffusion_text.models import as_denoiser, count_params
 
 PROCESSES = ("masked", "sedd_absorb", "gaussian_vlb", "ar")
-TARGET_MFU_MASKED = 0.50  # issue 8, at 125M on an H100/H200-class GPU
+TARGET_MFU_MASKED = 0.50  # masked at 125M on an H100/H200-class GPU
 
 
 @dataclasses.dataclass(frozen=True)

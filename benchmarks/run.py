@@ -54,7 +54,7 @@ SAMPLERS: dict[str, tuple[tuple[str, Optional[str]], ...]] = {
     "ar": (("ancestral", None),),
 }
 
-# Targets of the issue; they apply at the full benchmark configuration.
+# The project's speed targets; they apply at the full benchmark configuration.
 TARGET_FRACTION_OF_PEAK = 0.60
 TARGET_VS_MASKED = 0.75
 TARGET_SAMPLER_S = 6.5

@@ -1,5 +1,5 @@
-"""Fault injection: every failure of issue 7 gets one clear line or the
-right behaviour (docs/reliability.md maps each guarantee to its test).
+"""Fault injection: every failure mode the trainer guards against gets one
+clear line or the right behaviour (docs/reliability.md maps each guarantee to its test).
 
 Tiny synthetic runs; the XLA compilation cache is shared by every run of
 this module (in-process and the SIGTERM subprocesses) so each distinct
