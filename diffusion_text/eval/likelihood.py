@@ -287,7 +287,7 @@ def evaluate_workdir(workdir, overrides=(),
   result.update({
       "split": ev.split, "process": cfg.process.name, "step": step,
       "ema": ev.use_ema, "config": config_lib.to_dict(cfg),
-      "data": run.prepared.provenance(), "commit": _git_commit()})
+      "data": run.prepared.provenance(), "commit": git_commit()})
   out = workdir / f"eval_{ev.split}.json"
   if not math.isfinite(result["nats_per_token"]):
     raise NonFiniteBound(
@@ -315,4 +315,3 @@ def git_commit() -> str:
     return "unknown"
 
 
-_git_commit = git_commit  # the name evaluate_workdir has always used

@@ -271,7 +271,7 @@ def _manifest(run, workdir: pathlib.Path, protocol: str, data: dict) -> dict:
                    "seed": run.cfg.eval.seed},
       "tokenizer": {"name": tok.name, "fingerprint": tok.fingerprint()},
       "sets": data,
-      "commit": likelihood._git_commit(),
+      "commit": likelihood.git_commit(),
       "checkpoint_fingerprint": (imported or {}).get(
           "checkpoint_fingerprint", run.fingerprint),
       "run_fingerprint": run.fingerprint,
