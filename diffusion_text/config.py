@@ -131,7 +131,10 @@ class SampleConfig:
   top_k: int = spec(0, lo=0)  # keep the k likeliest tokens (0: off)
   float64: bool = True           # float64-resolution categorical draws
   block_length: int = spec(0, lo=0)  # semi-autoregressive blocks (0: off)
-  remask_eta: float = spec(0.02, lo=0)  # ReMDM samplers' eta (remdm_cap/rescale)
+  remask_eta: float = spec(0.02, lo=0, hi=1)  # ReMDM samplers' eta (remdm_cap/rescale/loop)
+  remask_t_on: float = spec(0.55, lo=0, hi=1, lo_open=True, hi_open=True)  # remdm_loop: the held-noise window starts (sampler clock)
+  remask_t_off: float = spec(0.05, lo=0, hi=1, lo_open=True, hi_open=True)  # remdm_loop: ... and ends
+  remask_alpha_on: float = spec(0.9, lo=0, hi=1, lo_open=True, hi_open=True)  # remdm_loop: keep probability held in the window
 
 
 @dataclasses.dataclass(frozen=True)

@@ -363,3 +363,38 @@ def test_remdm_remasks_and_reduces_to_ancestral_at_eta_zero(name):
                              SamplingOptions(sampler=name, remask_eta=0.5))
   sigma = 0.5 if name == "remdm_cap" else 0.5 * min(1.0, 0.25 / 0.5)
   assert abs(float(np.mean(np.asarray(x_s) == V)) - sigma) < 0.05
+
+
+def test_remdm_loop_clock_holds_alpha_on_and_keeps_the_marginals():
+  from diffusion_text.processes import masked_samplers
+  options = SamplingOptions(sampler="remdm_loop", remask_eta=0.3)
+  t = jnp.linspace(1.0, 0.0, 101)
+  a = np.asarray(masked_samplers.loop_alpha(t, options))
+  assert a[0] == 0.0 and a[-1] == 1.0 and np.all(np.diff(a) >= -1e-7)
+  inside = (np.asarray(t) <= 0.55) & (np.asarray(t) >= 0.05)
+  np.testing.assert_allclose(a[inside], 0.9, atol=1e-6)
+  # The network sees the process time of the loop's noise level.
+  for schedule in ("linear", "cosine_alpha"):
+    process = MaskedProcess(vocab_size=V, schedule=schedule)
+    for level in (0.1, 0.5, 0.9):
+      t_net = masked_samplers.time_of_alpha(process, jnp.float32(level))
+      assert abs(float(process.alpha(t_net)) - level) < 1e-5
+  # A constant-logit model is a product law: remasking redraws from the same
+  # law, so the loop must still give each token law pi, with no [MASK] left.
+  log_pi = jnp.log(jnp.asarray(PI, jnp.float32))
+  run = masked_sampler(steps=32, num=256, options=options)
+  out = np.asarray(run(jax.random.key(3), log_pi))
+  assert out.min() >= 0 and out.max() < V
+  assert_matches(np.bincount(out.ravel(), minlength=V) / out.size, PI,
+                 out.size)
+  # ... and the held window really remasks: one step inside it from a
+  # fully unmasked state remasks sigma = min(eta, sigma_max) of the tokens,
+  # sigma_max = (1 - alpha_on) / alpha_on.
+  process = MaskedProcess(vocab_size=V)
+  x = jnp.zeros((64, L), jnp.int32)
+  x_s = process.reverse_step(jax.random.key(0), constant_logits(log_pi), x,
+                             jnp.float32(0.3), jnp.float32(0.25), options)
+  sigma = min(0.3, 0.1 / 0.9)
+  assert abs(float(np.mean(np.asarray(x_s) == V)) - sigma) < 0.03
+  with pytest.raises(ValueError, match="remask_t_off < remask_t_on"):
+    SamplingOptions(remask_t_on=0.1, remask_t_off=0.2)

@@ -23,7 +23,10 @@ def sampling_options(sc: SampleConfig):
                                    temperature=sc.temperature, top_p=sc.top_p,
                                    top_k=sc.top_k, float64=sc.float64,
                                    block_length=sc.block_length,
-                                   remask_eta=sc.remask_eta)
+                                   remask_eta=sc.remask_eta,
+                                   remask_t_on=sc.remask_t_on,
+                                   remask_t_off=sc.remask_t_off,
+                                   remask_alpha_on=sc.remask_alpha_on)
 
 
 def make_sampler(process, graphdef, sc: SampleConfig, length: int,

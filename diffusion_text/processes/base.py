@@ -132,6 +132,9 @@ class SamplingOptions:
       with one float32 inverse CDF.
   remask_eta: eta of the ReMDM remasking samplers (the cap, or the share
       of sigma_max); read by those samplers only.
+  remask_t_on, remask_t_off, remask_alpha_on: ReMDM-loop's window on the
+      sampler's clock and the keep probability held inside it (the paper's
+      0.55, 0.05, 0.9); read by "remdm_loop" only.
   block_length: semi-autoregressive sampling (0: off): the sequence is
       generated in blocks of this many positions, left to right, each over
       an equal share of the steps (LLaDA sec. 2.4; for long outputs).
@@ -144,6 +147,9 @@ class SamplingOptions:
   float64: bool = True
   block_length: int = 0
   remask_eta: float = 0.02
+  remask_t_on: float = 0.55
+  remask_t_off: float = 0.05
+  remask_alpha_on: float = 0.9
 
   def __post_init__(self):
     if self.temperature < 0:
@@ -154,6 +160,13 @@ class SamplingOptions:
       raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
     if not 0.0 <= self.remask_eta <= 1.0:
       raise ValueError(f"remask_eta must be in [0, 1], got {self.remask_eta}")
+    if not 0.0 < self.remask_t_off < self.remask_t_on < 1.0:
+      raise ValueError(
+          f"ReMDM-loop needs 0 < remask_t_off < remask_t_on < 1, got "
+          f"t_off={self.remask_t_off}, t_on={self.remask_t_on}")
+    if not 0.0 < self.remask_alpha_on < 1.0:
+      raise ValueError(f"remask_alpha_on must be in (0, 1), got "
+                       f"{self.remask_alpha_on}")
     if self.block_length < 0:
       raise ValueError(f"block_length must be >= 0 (0: off), got "
                        f"{self.block_length}")

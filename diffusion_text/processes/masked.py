@@ -31,7 +31,7 @@ gives the ancestral result with less work (a sequence where nothing unmasks
 never reads its prediction; identical up to float rounding across batch
 sizes). 'confidence',
 'margin' and 'entropy' unmask the most confident positions first
-(masked_samplers.py; MaskGIT / LLaDA); 'remdm_cap' and 'remdm_rescale'
+(masked_samplers.py; MaskGIT / LLaDA); 'remdm_cap', 'remdm_rescale' and 'remdm_loop'
 may remask generated tokens (ReMDM). With
 `time_conditioning=False` (MDLM's time-unconditioned models, sec. 4.2) the
 network always sees t = 0.

@@ -66,29 +66,68 @@ def confidence_step(process, key: Array, denoiser, x_t: Array, t: Array,
 #   unmasked z_t: stays w.p. 1 - sigma_t, remasks w.p. sigma_t;
 #   [MASK]: unmasks to x w.p. (a_s - (1 - sigma_t) a_t) / (1 - a_t),
 # with 0 <= sigma_t <= sigma_max = min(1, (1 - a_s) / a_t), so generated
-# tokens can be revised. Schedules for sigma_t, by sampler name:
+# tokens can be revised. Schedules for sigma_t, by sampler name ("loop" has
+# its own clock, below):
 REMASKING = {
     "remdm_cap": lambda eta, sigma_max: jnp.minimum(eta, sigma_max),
     "remdm_rescale": lambda eta, sigma_max: eta * sigma_max,
+    "remdm_loop": lambda eta, sigma_max: jnp.minimum(eta, sigma_max),
 }
+
+
+def loop_alpha(t: Array, options) -> Array:
+  """ReMDM-loop's keep probability on the sampler's clock t in [0, 1]
+  (sec. 4.1): rising linearly from 0 to alpha_on over (t_on, 1], held at
+  alpha_on over [t_off, t_on], then rising linearly to 1 at t = 0."""
+  t_on, t_off = options.remask_t_on, options.remask_t_off
+  a_on = options.remask_alpha_on
+  first = (1.0 - t) * a_on / jnp.maximum(1.0 - t_on, 1e-12)
+  last = 1.0 - t * (1.0 - a_on) / jnp.maximum(t_off, 1e-12)
+  return jnp.where(t > t_on, first, jnp.where(t < t_off, last, a_on))
+
+
+def time_of_alpha(process, a: Array, iterations: int = 40) -> Array:
+  """The process time t with alpha(t) = a (bisection; alpha decreases), the
+  time the network is trained to see at that noise level."""
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = 0.5 * (lo + hi)
+    above = process.alpha(mid) > a
+    return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+  lo, hi = jax.lax.fori_loop(0, iterations, halve,
+                             (jnp.float32(0.0), jnp.float32(1.0)))
+  return 0.5 * (lo + hi)
 
 
 def remdm_step(process, key: Array, denoiser, x_t: Array, t: Array,
                s: Array, options, strategy: str) -> Array:
   """One ReMDM step t -> s of `process` (a MaskedProcess); sigma_t = 0
-  (eta = 0) is exactly the ancestral step, key for key."""
+  (eta = 0) is exactly the ancestral step, key for key.
+
+  "remdm_loop" runs on its own noise clock (`loop_alpha`): ancestral steps
+  down to alpha_on, then steps at the held level alpha_on that remask
+  sigma = eta of the tokens and unmask as many on average (the "loop"),
+  then ancestral steps to the end; the network sees the process time of
+  each step's noise level."""
   unmask_key, token_key = jax.random.split(key)
-  a_t, a_s = process.alpha(t), process.alpha(s)
-  sigma_max = jnp.minimum(1.0, process.mask_prob(s) / jnp.maximum(a_t, 1e-12))
-  sigma = jnp.where(s <= 0.0, 0.0,
+  if strategy == "remdm_loop":
+    a_t, a_s = loop_alpha(t, options), loop_alpha(s, options)
+    m_t, m_s = 1.0 - a_t, 1.0 - a_s
+    remasking = (t <= options.remask_t_on) & (t > options.remask_t_off)
+    t_net = time_of_alpha(process, a_t)
+  else:
+    a_t, a_s = process.alpha(t), process.alpha(s)
+    m_t, m_s = process.mask_prob(t), process.mask_prob(s)
+    remasking, t_net = jnp.bool_(True), t
+  sigma_max = jnp.minimum(1.0, m_s / jnp.maximum(a_t, 1e-12))
+  sigma = jnp.where((s <= 0.0) | ~remasking, 0.0,
                     REMASKING[strategy](options.remask_eta, sigma_max))
-  p_unmask = jnp.where(s <= 0.0, 1.0,
-                       (a_s - (1.0 - sigma) * a_t) / process.mask_prob(t))
+  p_unmask = jnp.where(s <= 0.0, 1.0, (a_s - (1.0 - sigma) * a_t) / m_t)
   is_mask_BxL = x_t == process.mask_id
   coin_BxL = jax.random.uniform(unmask_key, x_t.shape)
   unmask_BxL = is_mask_BxL & (coin_BxL < p_unmask)
   remask_BxL = ~is_mask_BxL & (coin_BxL < sigma)
-  x0_BxL = draws.draw_where(token_key, process.logits(denoiser, x_t, t),
+  x0_BxL = draws.draw_where(token_key, process.logits(denoiser, x_t, t_net),
                             unmask_BxL, options)
   x_s = jnp.where(unmask_BxL, x0_BxL, x_t)
   return jnp.where(remask_BxL, process.mask_id, x_s)
