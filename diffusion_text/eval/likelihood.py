@@ -105,14 +105,24 @@ def paired_difference(nats_b: np.ndarray, ref_nats_b: np.ndarray,
 
 def make_bound_fn(process, graphdef, params, mesh):
   """The bound step jitted over `mesh`, as in training: batch split over the
-  data axes, params replicated or fsdp-sharded by the same rules."""
-  fn = jax.jit(functools.partial(step_lib.bound_step, graphdef=graphdef,
-                                 process=process),
-               in_shardings=(sharding.state_shardings(params, mesh),
-                             sharding.batch_sharding(mesh),
-                             sharding.replicated(mesh)),
-               out_shardings=sharding.replicated(mesh))
-  return fn, jax.device_put(params, sharding.state_shardings(params, mesh))
+  data axes, params replicated or fsdp-sharded by the same rules. One jitted
+  function per (process, model structure, mesh), so evaluating again (the
+  trainer's validation every eval_every steps) reuses its compilation."""
+  shardings = sharding.state_shardings(params, mesh)
+  fn = _jitted_bound_step(process, graphdef, mesh,
+                          jax.tree.structure(shardings),
+                          tuple(jax.tree.leaves(shardings)))
+  return fn, jax.device_put(params, shardings)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_bound_step(process, graphdef, mesh, treedef, leaves):
+  return jax.jit(functools.partial(step_lib.bound_step, graphdef=graphdef,
+                                   process=process),
+                 in_shardings=(jax.tree.unflatten(treedef, leaves),
+                               sharding.batch_sharding(mesh),
+                               sharding.replicated(mesh)),
+                 out_shardings=sharding.replicated(mesh))
 
 
 # Adaptive K: rounds of K draws spent estimating each block's variance; they
