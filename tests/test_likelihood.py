@@ -159,3 +159,20 @@ def test_paired_difference_cancels_shared_block_variation():
   assert d["diff_nats_per_token_sem"] < math.hypot(sa, sb) / 5
   with pytest.raises(ValueError, match="same blocks"):
     likelihood.paired_difference(b[:10], a, tokens)
+
+
+def test_one_block_has_no_sem_and_tables_say_so():
+  """One block: no standard error (NaN in memory, null in the JSON), and
+  the report's tables print "n/a" instead of failing on either."""
+  import json
+  from diffusion_text import workdir
+  from diffusion_text.eval import report
+  r = likelihood.summarize(np.array([64.0]), np.array([32]), {})
+  assert math.isnan(r["nats_per_token_sem"])
+  stored = json.loads(workdir.dumps(r))
+  assert stored["nats_per_token_sem"] is None
+  for res in (r, stored):
+    rows = [{"name": "m", "result": res, "tokens_seen": 10, "wall_s": 1.0}]
+    md = report.markdown_table(rows, "toy")
+    assert "2.000 ± n/a" in md
+    assert "n/a" in report.latex_table(rows, "toy")

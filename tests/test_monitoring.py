@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from diffusion_text import config as config_lib, flops, monitoring, train
+from diffusion_text.eval import likelihood
 
 
 # ------------------------------------------------------------- a reader
@@ -185,7 +186,11 @@ def test_training_logs_timing_validation_and_tensorboard(tmp_path):
        "train.eval_every=3", "train.eval_blocks=8", "eval.batch_size=8",
        "train.grad_accum=2"])
   lines = []
+  cached = likelihood._jitted_bound_step.cache_info()
   train.train(cfg, tmp_path, log=lines.append)
+  # Both validations ran one jitted bound step: built once, then reused.
+  now = likelihood._jitted_bound_step.cache_info()
+  assert now.misses - cached.misses == 1 and now.hits - cached.hits >= 1
   rows = [json.loads(l) for l in
           (tmp_path / "metrics.jsonl").read_text().splitlines()]
   train_rows = [r for r in rows if "loss" in r]

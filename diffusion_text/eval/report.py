@@ -17,6 +17,14 @@ def _fmt_tokens(n: int) -> str:
   return str(n)
 
 
+def _sem(value, digits: int) -> str:
+  """A standard error for a table cell; "n/a" where none exists (one
+  evaluation block: stored as null in the JSON, NaN in memory)."""
+  if value is None or value != value:
+    return "n/a"
+  return f"{value:.{digits}f}"
+
+
 def _best(rows: list[dict]) -> float:
   return min(r["result"]["nats_per_token"] for r in rows)
 
@@ -29,7 +37,7 @@ def _extra_columns(rows: list[dict]) -> list[tuple[str, str, Callable]]:
   if ref is not None:
     cols.append((f"Δ NLL vs {ref} (paired SEM)", f"$\\Delta$ vs {ref}",
                  lambda r: (f"{r['diff']['diff_nats_per_token']:+.3f} ± "
-                            f"{r['diff']['diff_nats_per_token_sem']:.3f}")
+                            f"{_sem(r['diff']['diff_nats_per_token_sem'], 3)}")
                  if r.get("diff") else "ref."))
   if any(r.get("quality") for r in rows):
     cols.append(("gen. perplexity (steps)", "Gen. PPL",
@@ -55,12 +63,12 @@ def markdown_table(rows: Iterable[dict], dataset: str) -> str:
   lines = []
   for r in rows:
     res = r["result"]
-    nll = f"{res['nats_per_token']:.3f} ± {res['nats_per_token_sem']:.3f}"
+    nll = f"{res['nats_per_token']:.3f} ± {_sem(res['nats_per_token_sem'], 3)}"
     if len(rows) > 1 and res["nats_per_token"] == _best(rows):
       nll = f"**{nll}**"
     lines.append(
         f"| {r['name']} | {nll} | {res['bits_per_token']:.3f} | "
-        f"{res['perplexity']:.1f} ± {res['perplexity_sem']:.1f} | "
+        f"{res['perplexity']:.1f} ± {_sem(res['perplexity_sem'], 1)} | "
         f"{_fmt_tokens(r.get('tokens_seen', 0))} | {r.get('wall_s', 0):.0f} s |"
         + "".join(f" {c[2](r)} |" for c in extra))
   return head + "\n".join(lines) + "\n"
@@ -74,7 +82,7 @@ def latex_table(rows: Iterable[dict], dataset: str) -> str:
 
   def nll(r):
     cell = (f"{r['result']['nats_per_token']:.3f} \\pm "
-            f"{r['result']['nats_per_token_sem']:.3f}")
+            f"{_sem(r['result']['nats_per_token_sem'], 3)}")
     if len(rows) > 1 and r["result"]["nats_per_token"] == _best(rows):
       cell = f"\\mathbf{{{cell}}}"
     return f"$\\leq {cell}$"
@@ -82,7 +90,7 @@ def latex_table(rows: Iterable[dict], dataset: str) -> str:
   body = "\n".join(
       f"{tex(r['name'])} & {nll(r)} & "
       f"$\\leq {r['result']['perplexity']:.1f} \\pm "
-      f"{r['result']['perplexity_sem']:.1f}$"
+      f"{_sem(r['result']['perplexity_sem'], 1)}$"
       + "".join(f" & {tex(c[2](r))}" for c in extra) + " \\\\"
       for r in rows)
   return (f"\\begin{{tabular}}{{lcc{'c' * len(extra)}}}\n\\toprule\n"
@@ -144,8 +152,9 @@ def plot_curves(curves: dict[str, list[dict]], path, title: str = "training curv
               label=name, marker=".", color=color)
     if finals and name in finals:
       tokens, res = finals[name]
+      sem = res["nats_per_token_sem"]
       ax.errorbar([tokens], [res["nats_per_token"]],
-                  yerr=[res["nats_per_token_sem"]], fmt="*", ms=12,
+                  yerr=None if _sem(sem, 3) == "n/a" else [sem], fmt="*", ms=12,
                   color=color, capsize=3)
   ax.set_xlabel("tokens seen")
   ax.set_ylabel("training-batch NLL bound, mean per log interval\n"

@@ -30,8 +30,9 @@ def _grid(results: Sequence[dict]) -> tuple[list[str], list[str], dict]:
 def _cell(entry: dict | None, best: float, bold: str, pm: str, le: str) -> str:
   if entry is None:
     return "–"
+  sem = entry["perplexity_sem"]  # null in the JSON from a one-block set
   text = (f"{le} {entry['perplexity_bound']:.2f} {pm} "
-          f"{entry['perplexity_sem']:.2f}")
+          + ("n/a" if sem is None or sem != sem else f"{sem:.2f}"))
   return bold.format(text) if entry["perplexity_bound"] == best else text
 
 
