@@ -6,9 +6,12 @@ path (`pipeline.prepare`: source `owt`, GPT-2 tokens, 1,024-token blocks,
 worker processes, array_record shards) and reports tokens/s and the peak
 resident memory of the preparing process and of its largest worker
 (`resource.getrusage`). Memory must not grow with the corpus: the JSON gives
-the ratio of the largest to the smallest size's peak. It then times the
-training stream (`train_batches`, B=32, L=128 as benchmarks/run.py) to show
-the step never waits on data.
+the ratio of the largest to the smallest size's peak. It then prepares the
+same corpus in 128-token blocks, times the training stream alone
+(`train_batches`, B=32, L=128 as benchmarks/run.py) and trains on it with
+the real trainer (`train.train`, the benchmark backbone: 4 layers, d=256,
+GPT-2's 50,257 tokens, B=32, L=128) for a few steps, reporting the
+trainer's own data-wait and step times: training must not wait on data.
 
   python -m benchmarks.data_bench --sizes-mb 200 1000      # the full run
   python -m benchmarks.data_bench --smoke                   # a few MB, seconds
@@ -60,7 +63,8 @@ def _rss_mb(who) -> float:
   return resource.getrusage(who).ru_maxrss / 1024
 
 
-def child(size_mb: float, workers: int, shard_blocks: int) -> dict:
+def child(size_mb: float, workers: int, shard_blocks: int,
+          train_steps: int) -> dict:
   """One size, in this (fresh) process: generate, prepare, time the stream."""
   from diffusion_text.config import Config, DataConfig
   from diffusion_text.data import pipeline
@@ -89,7 +93,35 @@ def child(size_mb: float, workers: int, shard_blocks: int) -> dict:
         "peak_rss_mb_largest_worker": round(_rss_mb(resource.RUSAGE_CHILDREN), 1),
     }
     out.update(_stream_timing(tmp, cfg))
+    out.update(_train_on_it(tmp, cfg, train_steps))
   return out
+
+
+def _train_on_it(tmp: pathlib.Path, cfg, steps: int) -> dict:
+  """A short run of the real trainer on the prepared corpus (L=128)."""
+  import dataclasses
+  from diffusion_text import config as config_lib, train, workdir
+  if steps < 1:
+    return {}
+  run_cfg = dataclasses.replace(
+      cfg,
+      process=config_lib.ProcessConfig(name="masked"),
+      model=config_lib.ModelConfig(num_layers=4, d_model=256, num_heads=4,
+                                   dtype="float32"),
+      data=dataclasses.replace(cfg.data, seq_len=128, batch_size=32),
+      train=config_lib.TrainConfig(steps=steps, log_every=1,
+                                   checkpoint_every=10 * steps))
+  t0 = time.perf_counter()
+  train.train(run_cfg, tmp / "run", log=lambda msg: None)
+  rows = [r for r in workdir.read_rows(tmp / "run" / "metrics.jsonl")
+          if "data_wait_s" in r][1:]  # the first step carries the compile
+  wait = sum(r["data_wait_s"] for r in rows)
+  step = sum(r["step_s"] for r in rows)
+  return {"train_steps": steps, "train_seconds": round(time.perf_counter() - t0, 1),
+          "train_step_s_median": round(float(np.median([r["step_s"] for r in rows])), 4),
+          "train_data_wait_s_mean": round(wait / len(rows), 5),
+          "train_data_wait_fraction": round(wait / step, 5),
+          "train_final_loss": rows[-1]["loss"]}
 
 
 def _stream_timing(tmp: pathlib.Path, cfg, batch_size=32, seq_len=128, n=50) -> dict:
@@ -120,26 +152,33 @@ def main(argv=None) -> None:
   ap.add_argument("--sizes-mb", type=float, nargs="+", default=[200, 1000])
   ap.add_argument("--workers", type=int, default=2)
   ap.add_argument("--shard-blocks", type=int, default=8192)
-  ap.add_argument("--smoke", action="store_true", help="2 and 8 MB corpora")
+  ap.add_argument("--smoke", action="store_true",
+                  help="2 and 8 MB corpora, 2 training steps")
+  ap.add_argument("--train-steps", type=int, default=12,
+                  help="steps of the real trainer on each prepared corpus")
   ap.add_argument("--out", default=str(pathlib.Path(__file__).with_name("data_results.json")))
   ap.add_argument("--child", type=float, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.child is not None:
-    print(json.dumps(child(args.child, args.workers, args.shard_blocks)))
+    print(json.dumps(child(args.child, args.workers, args.shard_blocks,
+                           args.train_steps)))
     return
   if "DIFFUSION_TEXT_DATA" not in os.environ:
     sys.exit("set DIFFUSION_TEXT_DATA to the data directory (GPT-2 tokenizer files)")
   sizes = [2, 8] if args.smoke else args.sizes_mb
+  train_steps = 3 if args.smoke else args.train_steps
   runs = []
   for size in sizes:
     cmd = [sys.executable, "-m", "benchmarks.data_bench", "--child", str(size),
-           "--workers", str(args.workers), "--shard-blocks", str(args.shard_blocks)]
+           "--workers", str(args.workers), "--shard-blocks", str(args.shard_blocks),
+           "--train-steps", str(train_steps)]
     res = subprocess.run(cmd, check=True, capture_output=True, text=True)
     runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
     print(json.dumps(runs[-1]), flush=True)
   peak = [max(r["peak_rss_mb_main"], r["peak_rss_mb_largest_worker"]) for r in runs]
   result = {
       "smoke": args.smoke, "workers": args.workers,
+      "load_avg_1m": round(os.getloadavg()[0], 2),
       "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
       "runs": runs,
       "peak_rss_growth_largest_vs_smallest": round(peak[-1] / peak[0], 3),

@@ -159,7 +159,7 @@ class _HFTokenizer(Tokenizer):
     return self._tok.encode(text, add_special_tokens=False).ids
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
+    encs = self._tok.encode_batch_fast(list(texts), add_special_tokens=False)
     return [e.ids for e in encs]
 
   def decode(self, ids: Iterable[int]) -> str:
