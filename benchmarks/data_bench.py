@@ -114,7 +114,9 @@ def _train_on_it(tmp: pathlib.Path, cfg, steps: int) -> dict:
   t0 = time.perf_counter()
   train.train(run_cfg, tmp / "run", log=lambda msg: None)
   rows = [r for r in workdir.read_rows(tmp / "run" / "metrics.jsonl")
-          if "data_wait_s" in r][1:]  # the first step carries the compile
+          if "data_wait_s" in r]
+  # The first step carries the compile and the last the final checkpoint.
+  rows = rows[1:-1] if len(rows) > 2 else rows
   wait = sum(r["data_wait_s"] for r in rows)
   step = sum(r["step_s"] for r in rows)
   return {"train_steps": steps, "train_seconds": round(time.perf_counter() - t0, 1),

@@ -271,8 +271,10 @@ def _train(cfg, workdir, log, hooks, primary) -> dict:
 
   def flush(pending, state_dev):
     p_step, p_sum, p_count, p_wait = pending
-    now = time.time()
     sums = {k: float(np.mean(v)) for k, v in jax.device_get(p_sum).items()}
+    # After the fetch, which waits for the device to finish the step: the
+    # interval then holds the device's time, not only the host's dispatch.
+    now = time.time()
     diverged(int(sums.pop("streak")), p_step)
     m = {k: v if k == "skipped" else v / p_count for k, v in sums.items()}
     step_s = max(now - last[0], 1e-9) / max(p_step - last[1], 1)
