@@ -27,7 +27,7 @@ from diffusion_text import cli, config as config_lib, run as run_lib
 from diffusion_text import step as step_lib, train, workdir as workdir_lib
 from diffusion_text.checkpoint import Checkpointer, CheckpointDamaged
 from diffusion_text.data import pipeline
-from diffusion_text.eval import report
+from diffusion_text.eval import likelihood, report
 from diffusion_text.processes.masked import MaskedProcess
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -146,7 +146,14 @@ def test_eval_refuses_to_write_a_nonfinite_bound(trained, capsys, monkeypatch):
     return out._replace(nats=out.nats * jnp.nan)
 
   monkeypatch.setattr(MaskedProcess, "nll_bound", nan_bound)
-  assert cli.main(["eval", "--workdir", str(trained), "--split", "valid"]) == 2
+  # The evaluator keeps one jitted bound step per (process, model, mesh);
+  # one traced with the poisoned method must not outlive this test.
+  likelihood._jitted_bound_step.cache_clear()
+  try:
+    assert cli.main(["eval", "--workdir", str(trained), "--split",
+                     "valid"]) == 2
+  finally:
+    likelihood._jitted_bound_step.cache_clear()
   err = capsys.readouterr().err
   assert "is not finite" in err and "eval_valid.json is left as it was" in err
   assert not (trained / "eval_valid.json").exists()

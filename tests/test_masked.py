@@ -165,7 +165,7 @@ def test_prior_spec_and_registry():
   assert process.sampler(SamplingOptions()) == "ancestral"
   assert process.sampler_names() == ("ancestral", "cached", "confidence",
                                      "margin", "entropy", "remdm_cap",
-                                     "remdm_rescale")
+                                     "remdm_rescale", "remdm_loop")
   with pytest.raises(ValueError, match="schedule"):
     MaskedProcess(vocab_size=V, schedule="nope")
 

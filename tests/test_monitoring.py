@@ -188,9 +188,10 @@ def test_training_logs_timing_validation_and_tensorboard(tmp_path):
   lines = []
   cached = likelihood._jitted_bound_step.cache_info()
   train.train(cfg, tmp_path, log=lines.append)
-  # Both validations ran one jitted bound step: built once, then reused.
+  # Both validations ran one jitted bound step: built at most once (an
+  # earlier test may have built it), then reused.
   now = likelihood._jitted_bound_step.cache_info()
-  assert now.misses - cached.misses == 1 and now.hits - cached.hits >= 1
+  assert now.misses - cached.misses <= 1 and now.hits - cached.hits >= 1
   rows = [json.loads(l) for l in
           (tmp_path / "metrics.jsonl").read_text().splitlines()]
   train_rows = [r for r in rows if "loss" in r]

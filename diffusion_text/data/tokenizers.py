@@ -159,7 +159,9 @@ class _HFTokenizer(Tokenizer):
     return self._tok.encode(text, add_special_tokens=False).ids
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    encs = self._tok.encode_batch_fast(list(texts), add_special_tokens=False)
+    # encode_batch_fast: the same ids without offsets (not on every wrapper).
+    encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+    encs = encode(list(texts), add_special_tokens=False)
     return [e.ids for e in encs]
 
   def decode(self, ids: Iterable[int]) -> str:
