@@ -44,7 +44,8 @@ from diffusion_text.models import as_denoiser, count_params
 # for a process with a single sampler).
 SAMPLERS: dict[str, tuple[tuple[str, Optional[str]], ...]] = {
     "masked": (("ancestral", "ancestral"), ("cached", "cached"),
-               ("confidence", "confidence")),
+               ("confidence", "confidence"), ("remdm_cap", "remdm_cap"),
+               ("remdm_loop", "remdm_loop")),
     "sedd_absorb": (("euler", "euler"), ("analytic", "analytic")),
     "sedd_uniform": (("euler", "euler"), ("analytic", "analytic")),
     "d3pm_absorbing": (("ancestral", None),),

@@ -76,7 +76,8 @@ def test_sampler_rows(result):
   res, table = result
   rows = {(r["process"], r["sampler"]): r for r in res["samplers"]}
   assert set(rows) == {("masked", "ancestral"), ("masked", "cached"),
-                       ("masked", "confidence"), ("ar", "ancestral")}
+                       ("masked", "confidence"), ("masked", "remdm_cap"),
+                       ("masked", "remdm_loop"), ("ar", "ancestral")}
   for r in rows.values():
     for key in ("wall_s", "tokens_per_s", "network_calls", "fraction_of_peak",
                 "compile_s"):

@@ -231,3 +231,28 @@ def test_validation_without_a_valid_split_names_the_fix():
                         prepared=SimpleNamespace(num_blocks=no_valid))
   with pytest.raises(config_lib.ConfigError, match="train.eval_every=0"):
     monitoring.Validation(run, None, 0, lambda s: s, [], print)
+
+
+def test_logged_step_time_includes_the_device_wait(tmp_path, monkeypatch):
+  """A step's logged time runs until its results are fetched, so a device
+  slower than the host's dispatch shows in step_s (simulated here by a
+  fetch that takes 0.2 s, as waiting for a busy accelerator would)."""
+  import time as time_lib
+  fetch = train.jax.device_get
+
+  def slow_fetch(tree):
+    time_lib.sleep(0.2)
+    return fetch(tree)
+
+  monkeypatch.setattr(train.jax, "device_get", slow_fetch)
+  cfg = config_lib.apply_overrides(
+      config_lib.load_preset("synthetic_masked"),
+      ["train.steps=4", "train.log_every=1", "train.checkpoint_every=100",
+       "train.tensorboard=false"])
+  train.train(cfg, tmp_path, log=lambda m: None)
+  rows = [json.loads(l) for l in
+          (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  for r in rows[1:]:
+    assert r["step_s"] >= 0.2, r
+    assert r["tokens_per_s"] <= r["tokens_seen"] / r["step"] / 0.2 + 1e-6
