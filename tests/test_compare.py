@@ -13,6 +13,10 @@ def _cfg():
                                     ["data.batch_size=16", "data.seq_len=16"])
 
 
+def _no_nan(token):
+  raise AssertionError(f"{token} in a results file: strict JSON writes null")
+
+
 def test_budget_parsing_and_clear_errors():
   assert compare.parse_budget("tokens=5e5") == ("tokens", 500000.0)
   for bad in ("tokens", "tokens=0", "parameters=5", "seconds=abc"):
@@ -69,7 +73,8 @@ def test_compare_trains_evaluates_and_writes(tmp_path):
   assert rows["ar"]["diff_vs_reference"] is None
   assert [q["steps"] for q in rows["masked"]["quality"]] == [2, 4, None]
   assert res["judge"]["workdir"].endswith("ar")
-  saved = json.loads((out / "results.json").read_text())
+  saved = json.loads((out / "results.json").read_text(),
+                     parse_constant=_no_nan)
   assert saved["budget"] == {"kind": "tokens", "value": 3072.0}
   md = (out / "results.md").read_text()
   assert "**" in md and "Δ NLL vs ar" in md and "gen. perplexity" in md

@@ -28,6 +28,10 @@ def judge_dir(tmp_path_factory):
   return workdir
 
 
+def _no_nan(token):
+  raise AssertionError(f"{token} in a results file: strict JSON writes null")
+
+
 def test_unigram_entropy_and_repeats():
   assert math.isclose(sq.unigram_entropy([3, 1, 4, 2]), math.log(4))
   assert sq.unigram_entropy([5, 5, 5]) == 0.0
@@ -71,7 +75,8 @@ def test_sample_eval_writes_rows_and_counts_network_calls(judge_dir, tmp_path):
   assert row["network_calls"] == 12 and row["num"] == 2
   assert row["gen_ppl"] > 1 and 0 <= row["repeated_4grams"] <= 1
   assert data["steps"] is None and data["num"] == 2
-  saved = json.loads((tmp_path / "sample_eval.json").read_text())
+  saved = json.loads((tmp_path / "sample_eval.json").read_text(),
+                     parse_constant=_no_nan)
   assert saved["judge"]["fingerprint"] and saved["commit"]
   assert (tmp_path / "sample_eval.png").stat().st_size > 0
   assert "| ar | 4 |" in (tmp_path / "sample_eval.md").read_text()

@@ -22,6 +22,12 @@ MAX_BLOCKS = 3
 
 
 # ------------------------------------------------------------ block rules
+
+
+def _no_nan(token):
+  raise AssertionError(f"{token} in a results file: strict JSON writes null")
+
+
 def test_sedd_groups_follow_hf_contiguous_shards():
   # 8 shards of 17 rows: the first 17 % 8 = 1 shard holds 3 rows, the rest 2.
   groups = zero_shot.sedd_groups(17, num_proc=8, batch=1000)
@@ -113,7 +119,8 @@ def test_suite_on_a_trained_gpt2_vocabulary_model(ar_workdir, capsys):
   assert cli.main(["eval", "--suite", "zero-shot", "--workdir",
                    str(ar_workdir), "--sets", "ptb,wikitext2",
                    "--max-blocks", str(MAX_BLOCKS)]) == 0
-  out = json.loads((ar_workdir / "zero_shot.json").read_text())
+  out = json.loads((ar_workdir / "zero_shot.json").read_text(),
+                   parse_constant=_no_nan)
   assert set(out["sets"]) == {"ptb", "wikitext2"}
   for name, r in out["sets"].items():
     assert r["blocks"] == MAX_BLOCKS and r["tokens"] == MAX_BLOCKS * L

@@ -19,6 +19,7 @@ import shutil
 from typing import Callable, Optional, Sequence
 
 from diffusion_text import config as config_lib, run as run_lib
+from diffusion_text import workdir as workdir_lib
 from diffusion_text.checkpoint import CheckpointMismatch
 from diffusion_text.data import pipeline
 from diffusion_text.eval import likelihood, report, sample_quality
@@ -215,7 +216,8 @@ def write_results(rows: list[Row], out: pathlib.Path, reference: str,
       # A few samples per model, from its largest step count.
       "samples": {t["name"]: t["quality"]["samples"]
                   for t in table_rows if t["quality"]}}
-  (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+  # Strict JSON (a one-block SEM is null, not NaN), written atomically.
+  workdir_lib.atomic_write_json(out / "results.json", results)
   results["table"] = table
   return results
 

@@ -19,7 +19,6 @@ writes for EOS splits units, which the judge encodes as its own EOS.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 import threading
@@ -30,6 +29,7 @@ import jax
 import numpy as np
 
 from diffusion_text import config as config_lib, run as run_lib, sharding
+from diffusion_text import workdir as workdir_lib
 from diffusion_text.data import pipeline
 from diffusion_text.eval import likelihood, report, samples
 
@@ -256,8 +256,7 @@ def sample_eval_workdir(workdir, judge_dir, steps_list: Sequence[int] = (16, 64,
             "commit": likelihood.git_commit()}
   out_dir = pathlib.Path(out) if out else workdir
   out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / "sample_eval.json").write_text(
-      json.dumps(result, indent=2, default=str))
+  workdir_lib.atomic_write_json(out_dir / "sample_eval.json", result)
   table = report.quality_table({run.cfg.process.name: rows})
   (out_dir / "sample_eval.md").write_text(table)
   report.plot_quality({run.cfg.process.name: rows}, out_dir / "sample_eval.png")

@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_text import config as config_lib, run as run_lib, sharding
+from diffusion_text import workdir as workdir_lib
 from diffusion_text.data import detokenizers, packing, pipeline, sources
 from diffusion_text.eval import likelihood, zero_shot_table
 from diffusion_text.models import as_denoiser
@@ -246,8 +247,7 @@ def evaluate_suite(workdir, overrides=(), sets: Optional[Sequence[str]] = None,
   out = {"model": cfg.name, "process": cfg.process.name, "step": step,
          "ema": ev.use_ema, "sets": out_sets,
          "manifest": _manifest(run, workdir, protocol, data)}
-  (workdir / "zero_shot.json").write_text(json.dumps(out, indent=2,
-                                                     default=str))
+  workdir_lib.atomic_write_json(workdir / "zero_shot.json", out)
   md, tex = zero_shot_table.tables([out])
   (workdir / "zero_shot.md").write_text(md)
   (workdir / "zero_shot.tex").write_text(tex)
