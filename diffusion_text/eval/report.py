@@ -17,12 +17,15 @@ def _fmt_tokens(n: int) -> str:
   return str(n)
 
 
-def _sem(value, digits: int) -> str:
-  """A standard error for a table cell; "n/a" where none exists (one
-  evaluation block: stored as null in the JSON, NaN in memory)."""
-  if value is None or value != value:
-    return "n/a"
-  return f"{value:.{digits}f}"
+def has_sem(value) -> bool:
+  """Whether a standard error exists: one evaluation block has none (NaN
+  in memory, null in the JSON)."""
+  return value is not None and value == value
+
+
+def sem_cell(value, digits: int) -> str:
+  """A standard error for a table cell; "n/a" where none exists."""
+  return f"{value:.{digits}f}" if has_sem(value) else "n/a"
 
 
 def _best(rows: list[dict]) -> float:
@@ -36,8 +39,8 @@ def _extra_columns(rows: list[dict]) -> list[tuple[str, str, Callable]]:
   ref = next((r["reference"] for r in rows if r.get("diff")), None)
   if ref is not None:
     cols.append((f"Δ NLL vs {ref} (paired SEM)", f"$\\Delta$ vs {ref}",
-                 lambda r: (f"{r['diff']['diff_nats_per_token']:+.3f} ± "
-                            f"{_sem(r['diff']['diff_nats_per_token_sem'], 3)}")
+                 lambda r: (f"{r['diff']['diff_nats_per_token']:+.3f} ± " +
+                            sem_cell(r["diff"]["diff_nats_per_token_sem"], 3))
                  if r.get("diff") else "ref."))
   if any(r.get("quality") for r in rows):
     cols.append(("gen. perplexity (steps)", "Gen. PPL",
@@ -63,12 +66,13 @@ def markdown_table(rows: Iterable[dict], dataset: str) -> str:
   lines = []
   for r in rows:
     res = r["result"]
-    nll = f"{res['nats_per_token']:.3f} ± {_sem(res['nats_per_token_sem'], 3)}"
+    nll = (f"{res['nats_per_token']:.3f} ± "
+           + sem_cell(res["nats_per_token_sem"], 3))
     if len(rows) > 1 and res["nats_per_token"] == _best(rows):
       nll = f"**{nll}**"
     lines.append(
         f"| {r['name']} | {nll} | {res['bits_per_token']:.3f} | "
-        f"{res['perplexity']:.1f} ± {_sem(res['perplexity_sem'], 1)} | "
+        f"{res['perplexity']:.1f} ± {sem_cell(res['perplexity_sem'], 1)} | "
         f"{_fmt_tokens(r.get('tokens_seen', 0))} | {r.get('wall_s', 0):.0f} s |"
         + "".join(f" {c[2](r)} |" for c in extra))
   return head + "\n".join(lines) + "\n"
@@ -82,7 +86,7 @@ def latex_table(rows: Iterable[dict], dataset: str) -> str:
 
   def nll(r):
     cell = (f"{r['result']['nats_per_token']:.3f} \\pm "
-            f"{_sem(r['result']['nats_per_token_sem'], 3)}")
+            f"{sem_cell(r['result']['nats_per_token_sem'], 3)}")
     if len(rows) > 1 and r["result"]["nats_per_token"] == _best(rows):
       cell = f"\\mathbf{{{cell}}}"
     return f"$\\leq {cell}$"
@@ -90,7 +94,7 @@ def latex_table(rows: Iterable[dict], dataset: str) -> str:
   body = "\n".join(
       f"{tex(r['name'])} & {nll(r)} & "
       f"$\\leq {r['result']['perplexity']:.1f} \\pm "
-      f"{_sem(r['result']['perplexity_sem'], 1)}$"
+      f"{sem_cell(r['result']['perplexity_sem'], 1)}$"
       + "".join(f" & {tex(c[2](r))}" for c in extra) + " \\\\"
       for r in rows)
   return (f"\\begin{{tabular}}{{lcc{'c' * len(extra)}}}\n\\toprule\n"
@@ -154,7 +158,7 @@ def plot_curves(curves: dict[str, list[dict]], path, title: str = "training curv
       tokens, res = finals[name]
       sem = res["nats_per_token_sem"]
       ax.errorbar([tokens], [res["nats_per_token"]],
-                  yerr=None if _sem(sem, 3) == "n/a" else [sem], fmt="*", ms=12,
+                  yerr=[sem] if has_sem(sem) else None, fmt="*", ms=12,
                   color=color, capsize=3)
   ax.set_xlabel("tokens seen")
   ax.set_ylabel("training-batch NLL bound, mean per log interval\n"

@@ -12,6 +12,7 @@ import pathlib
 from typing import Sequence
 
 from diffusion_text.config import ConfigError
+from diffusion_text.eval import report
 
 COLUMNS = {"lambada": "LAMBADA", "wikitext2": "WikiText2", "ptb": "PTB",
            "wikitext103": "WikiText103", "lm1b": "1BW"}
@@ -30,9 +31,8 @@ def _grid(results: Sequence[dict]) -> tuple[list[str], list[str], dict]:
 def _cell(entry: dict | None, best: float, bold: str, pm: str, le: str) -> str:
   if entry is None:
     return "–"
-  sem = entry["perplexity_sem"]  # null in the JSON from a one-block set
   text = (f"{le} {entry['perplexity_bound']:.2f} {pm} "
-          + ("n/a" if sem is None or sem != sem else f"{sem:.2f}"))
+          f"{report.sem_cell(entry['perplexity_sem'], 2)}")
   return bold.format(text) if entry["perplexity_bound"] == best else text
 
 

@@ -29,10 +29,9 @@ only there (`draws.draw_where`); 'cached' also runs the network only on the
 sequences where a token unmasks (and skips the call when none does), which
 gives the ancestral result with less work (a sequence where nothing unmasks
 never reads its prediction; identical up to float rounding across batch
-sizes). 'confidence',
-'margin' and 'entropy' unmask the most confident positions first
-(masked_samplers.py; MaskGIT / LLaDA); 'remdm_cap', 'remdm_rescale' and 'remdm_loop'
-may remask generated tokens (ReMDM). With
+sizes). 'confidence', 'margin' and 'entropy' unmask the most confident
+positions first (masked_samplers.py; MaskGIT / LLaDA); 'remdm_cap',
+'remdm_rescale' and 'remdm_loop' may remask generated tokens (ReMDM). With
 `time_conditioning=False` (MDLM's time-unconditioned models, sec. 4.2) the
 network always sees t = 0.
 """

@@ -106,7 +106,8 @@ def remdm_step(process, key: Array, denoiser, x_t: Array, t: Array,
 
   "remdm_loop" runs on its own noise clock (`loop_alpha`): ancestral steps
   down to alpha_on, then steps at the held level alpha_on that remask
-  sigma = eta of the tokens and unmask as many on average (the "loop"),
+  sigma = min(eta, sigma_max) of the generated tokens and unmask as many
+  on average (the "loop"),
   then ancestral steps to the end; the network sees the process time of
   each step's noise level."""
   unmask_key, token_key = jax.random.split(key)
