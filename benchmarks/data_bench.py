@@ -65,7 +65,8 @@ def _rss_mb(who) -> float:
 
 def child(size_mb: float, workers: int, shard_blocks: int,
           train_steps: int) -> dict:
-  """One size, in this (fresh) process: generate, prepare, time the stream."""
+  """One size, in this (fresh) process: generate, prepare, time the stream,
+  train on it."""
   from diffusion_text.config import Config, DataConfig
   from diffusion_text.data import pipeline
   pipeline.PARALLEL_MIN_BYTES = 0     # use the workers at every size

@@ -118,12 +118,14 @@ def matmul_peak(n: int, repeats: int = 5) -> float:
   return 2 * n ** 3 / statistics.median(times)
 
 
-def bracket_peak(before: float, after: float) -> dict:
-  """The peak for a measurement timed between two peak measurements: the
-  faster one (noise only slows a matmul down, so it is the better estimate
-  of the hardware, and fractions against it are conservative)."""
-  return {"matmul_peak_flops_per_s": max(before, after),
-          "matmul_peak_before": before, "matmul_peak_after": after}
+def bracket_peak(samples: list[float]) -> dict:
+  """The peak for measurements timed among peak samples (the first taken
+  before them, the last after): the fastest sample. Noise only ever slows a
+  matmul down, so it is the best estimate of the hardware, and fractions
+  against it are conservative (on a shared host step times vary by a few
+  percent, peak samples by up to 2x)."""
+  return {"matmul_peak_flops_per_s": max(samples),
+          "matmul_peak_before": samples[0], "matmul_peak_after": samples[-1]}
 
 
 def memory_now() -> dict:
@@ -216,12 +218,7 @@ def bench_train(name: str, shape: Shape, steps: int, warmup: int) -> dict:
     peaks.append(matmul_peak(shape.matmul_n, repeats=3))
   loss = float(np.mean(jax.device_get(metrics["loss"])))
   step_s = statistics.median(times)
-  peak = bracket_peak(peaks[0], peaks[-1])
-  # Noise only ever slows a matmul down, so the fastest of the row's peak
-  # measurements is the best estimate of what the hardware can do, and the
-  # fraction against it is conservative. (The step times themselves vary
-  # by a few percent; the peak samples by up to 2x on a shared host.)
-  peak["matmul_peak_flops_per_s"] = max(peaks)
+  peak = bracket_peak(peaks)
   return {
       "process": name, "params": ts.params,
       "step_s": step_s, "step_s_all": times,
@@ -229,7 +226,8 @@ def bench_train(name: str, shape: Shape, steps: int, warmup: int) -> dict:
       "model_flops_per_step": step_flops,
       "model_flops_per_s": step_flops / step_s,
       **peak, "matmul_peaks_all": peaks,
-      "fraction_of_peak": step_flops / step_s / max(peaks),
+      "fraction_of_peak": (step_flops / step_s
+                           / peak["matmul_peak_flops_per_s"]),
       "xla_flops_per_step": xla_flops(compiled),
       "trace_lower_s": t1 - t0, "compile_s": t2 - t1,
       "first_step_s": first_step_s, "loss_after": loss,
@@ -294,7 +292,7 @@ def bench_sampler(name: str, label: str, sampler: Optional[str],
     _block(compiled(jax.random.key(1 + i), params))
     times.append(time.perf_counter() - s0)
   wall = statistics.median(times)
-  peak = bracket_peak(peak_before, matmul_peak(shape.matmul_n))
+  peak = bracket_peak([peak_before, matmul_peak(shape.matmul_n)])
   calls = None
   if count_calls:
     counter = [0]

@@ -1,5 +1,7 @@
 """Shared test fixtures for processes and the sampling loop."""
 
+import json
+
 import jax.numpy as jnp
 
 from diffusion_text.contract import Denoiser
@@ -16,3 +18,11 @@ def constant_logits(logits, embed=None) -> Denoiser:
     return jnp.broadcast_to(logits, x.shape[:2] + logits.shape[-1:])
 
   return Denoiser(predict=predict, embed=embed)
+
+
+def strict_json(text: str):
+  """json.loads that fails on NaN / Infinity: results files are strict JSON
+  (a missing standard error is null)."""
+  def reject(token):
+    raise AssertionError(f"{token} in a results file: strict JSON writes null")
+  return json.loads(text, parse_constant=reject)

@@ -1,20 +1,15 @@
 """Compute-matched comparison: budgets, configs, paired rows, outputs."""
 
-import json
-
 import pytest
 
 from diffusion_text import cli, config as config_lib, train
 from diffusion_text.eval import compare
+from tests.helpers import strict_json
 
 
 def _cfg():
   return config_lib.apply_overrides(config_lib.load_preset("synthetic_masked"),
                                     ["data.batch_size=16", "data.seq_len=16"])
-
-
-def _no_nan(token):
-  raise AssertionError(f"{token} in a results file: strict JSON writes null")
 
 
 def test_budget_parsing_and_clear_errors():
@@ -73,8 +68,7 @@ def test_compare_trains_evaluates_and_writes(tmp_path):
   assert rows["ar"]["diff_vs_reference"] is None
   assert [q["steps"] for q in rows["masked"]["quality"]] == [2, 4, None]
   assert res["judge"]["workdir"].endswith("ar")
-  saved = json.loads((out / "results.json").read_text(),
-                     parse_constant=_no_nan)
+  saved = strict_json((out / "results.json").read_text())
   assert saved["budget"] == {"kind": "tokens", "value": 3072.0}
   md = (out / "results.md").read_text()
   assert "**" in md and "Δ NLL vs ar" in md and "gen. perplexity" in md

@@ -1,6 +1,5 @@
 """Generative quality: judge perplexity, entropy, repetition, call counts."""
 
-import json
 import math
 
 import numpy as np
@@ -10,6 +9,7 @@ from diffusion_text import config as config_lib, train
 from diffusion_text.data import pipeline
 from diffusion_text.eval import likelihood, sample_quality as sq
 from tests.conftest import DATA
+from tests.helpers import strict_json
 
 TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2",
         "model.mlp_ratio=2", "model.cond_dim=16", "data.seq_len=32",
@@ -26,10 +26,6 @@ def judge_dir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("judge")
   train.train(cfg, workdir, log=lambda m: None)
   return workdir
-
-
-def _no_nan(token):
-  raise AssertionError(f"{token} in a results file: strict JSON writes null")
 
 
 def test_unigram_entropy_and_repeats():
@@ -75,8 +71,7 @@ def test_sample_eval_writes_rows_and_counts_network_calls(judge_dir, tmp_path):
   assert row["network_calls"] == 12 and row["num"] == 2
   assert row["gen_ppl"] > 1 and 0 <= row["repeated_4grams"] <= 1
   assert data["steps"] is None and data["num"] == 2
-  saved = json.loads((tmp_path / "sample_eval.json").read_text(),
-                     parse_constant=_no_nan)
+  saved = strict_json((tmp_path / "sample_eval.json").read_text())
   assert saved["judge"]["fingerprint"] and saved["commit"]
   assert (tmp_path / "sample_eval.png").stat().st_size > 0
   assert "| ar | 4 |" in (tmp_path / "sample_eval.md").read_text()

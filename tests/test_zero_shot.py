@@ -3,7 +3,6 @@ and a suite run on a tiny GPT-2-vocabulary model trained here."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import jax
@@ -15,6 +14,7 @@ from flax import nnx
 from diffusion_text import cli, config as config_lib, models, processes
 from diffusion_text import run as run_lib, train
 from diffusion_text.eval import zero_shot, zero_shot_table
+from tests.helpers import strict_json
 
 QUIET = lambda m: None
 L = 16
@@ -22,10 +22,6 @@ MAX_BLOCKS = 3
 
 
 # ------------------------------------------------------------ block rules
-
-
-def _no_nan(token):
-  raise AssertionError(f"{token} in a results file: strict JSON writes null")
 
 
 def test_sedd_groups_follow_hf_contiguous_shards():
@@ -119,8 +115,7 @@ def test_suite_on_a_trained_gpt2_vocabulary_model(ar_workdir, capsys):
   assert cli.main(["eval", "--suite", "zero-shot", "--workdir",
                    str(ar_workdir), "--sets", "ptb,wikitext2",
                    "--max-blocks", str(MAX_BLOCKS)]) == 0
-  out = json.loads((ar_workdir / "zero_shot.json").read_text(),
-                   parse_constant=_no_nan)
+  out = strict_json((ar_workdir / "zero_shot.json").read_text())
   assert set(out["sets"]) == {"ptb", "wikitext2"}
   for name, r in out["sets"].items():
     assert r["blocks"] == MAX_BLOCKS and r["tokens"] == MAX_BLOCKS * L
