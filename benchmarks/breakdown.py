@@ -44,7 +44,8 @@ from benchmarks import run
 from diffusion_text import contract
 from diffusion_text.models import as_denoiser
 
-CALLABLES = ("predict", "target_nll", "round_logits", "embed", "gamma")
+CALLABLES = ("predict", "target_nll", "round_logits", "round_nll", "embed",
+             "gamma")
 
 
 def _median_s(fn, *args, repeats: int = 3) -> float:

@@ -27,6 +27,8 @@ class Denoiser:
       [B, L, D] (see `ModelSpec.output`).
   embed(ids [B, L]) -> [B, L, D]: learned token embeddings (Gaussian only).
   round_logits(x [B, L, D]) -> [B, L, V]: logits of p(w | x) (Gaussian only).
+  round_nll(x [B, L, D], target [B, L]) -> [B, L]: optional fused
+      -log softmax(round_logits(x))[target] (no [B, L, V] array).
   gamma(t [B]) -> [B]: a learned noise schedule gamma(t) = -log SNR(t),
       monotone increasing in t (only with `ModelSpec.learned_schedule`).
   target_nll(x_t, t [B], target [B, L], where [B, L]) -> [B, L]: optional
@@ -45,6 +47,7 @@ class Denoiser:
   predict: Callable[..., Array]
   embed: Optional[Callable[[Array], Array]] = None
   round_logits: Optional[Callable[[Array], Array]] = None
+  round_nll: Optional[Callable[[Array, Array], Array]] = None
   gamma: Optional[Callable[[Array], Array]] = None
   target_nll: Optional[Callable[..., Array]] = None
   target_lse: Optional[Callable[..., tuple[Array, Array]]] = None

@@ -473,11 +473,14 @@ def test_short_training_run_lowers_the_bound():
   assert min_distance(trained["E"]) > 0.8 * min_distance(params["E"])
 
 
-@pytest.mark.parametrize("t", [1e-3, 0.5])
-def test_resolved_posterior_mean_is_the_softmax_mean_in_value_and_grad(t):
+@pytest.mark.parametrize("t,wrong", [(1e-3, False), (1e-3, True),
+                                     (0.5, False)])
+def test_resolved_posterior_mean_is_the_softmax_mean_in_value_and_grad(
+    t, wrong):
   """The one-hot shortcut (all tokens resolved, t = 1/T) gives exactly the
   full softmax's x0_base and gradients; where tokens are not resolved
-  (t = 0.5) it falls back to the softmax."""
+  (t = 0.5), or x_t is resolved to another token than the one given, it
+  falls back to the softmax."""
   from diffusion_text.processes.gaussian_posterior import posterior_mean
   p = make_process("gaussian", vocab_size=9, num_steps=1000, latent_dim=6)
   table = jax.random.normal(jax.random.key(0), (9, 6))
@@ -486,13 +489,50 @@ def test_resolved_posterior_mean_is_the_softmax_mean_in_value_and_grad(t):
   x_t = p.corrupt(jax.random.key(2), table[ids], t_B)
   w = jax.random.normal(jax.random.key(3), (2, 5, 6))
 
-  def total(table, x_t, resolved):
-    return jnp.sum(w * posterior_mean(p.base_logits, x_t, t_B, table,
-                                      resolved))
+  given = (ids + 1) % 9 if wrong else ids
 
+  def total(table, x_t, tokens):
+    return jnp.sum(w * posterior_mean(x_t, p.base_coefficients(t_B), table,
+                                      tokens))
+
+  if t < 0.01 and not wrong:  # resolved: the posterior mean is E[token]
+    np.testing.assert_array_equal(
+        posterior_mean(x_t, p.base_coefficients(t_B), table, ids), table[ids])
   for argnums in (0, 1):
-    want = jax.value_and_grad(total, argnums)(table, x_t, False)
-    got = jax.value_and_grad(total, argnums)(table, x_t, True)
+    want = jax.value_and_grad(total, argnums)(table, x_t, None)
+    got = jax.value_and_grad(total, argnums)(table, x_t, given)
     # Exact up to the rounding of differently compiled reductions.
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                          atol=1e-5), want, got)
+
+
+def test_fused_softmax_mean_equals_dense_autodiff_in_value_and_grad():
+  """softmax_mean's chunked forward and hand-written VJP equal jax's
+  autodiff of the dense softmax(base_logits) @ E, with a different t per
+  sequence and a last chunk that is padded (N = 15, chunk 4)."""
+  from diffusion_text.processes.gaussian_posterior import softmax_mean
+  p = make_process("gaussian", vocab_size=11, num_steps=1000, latent_dim=6)
+  table = jax.random.normal(jax.random.key(0), (11, 6))
+  ids = jax.random.randint(jax.random.key(1), (3, 5), 0, 11)
+  t_B = jnp.array([0.05, 0.5, 0.9])
+  x_t = p.corrupt(jax.random.key(2), table[ids], t_B)
+  w = jax.random.normal(jax.random.key(3), (3, 5, 6))
+
+  def dense(table, x_t):
+    probs = jax.nn.softmax(p.base_logits(x_t, t_B, table), axis=-1)
+    return jnp.sum(w * jnp.einsum("blv,vd->bld", probs, table))
+
+  def fused(table, x_t):
+    coef = jnp.repeat(p.base_coefficients(t_B), 5, axis=0)
+    out = softmax_mean(x_t.reshape(15, 6), coef, table, chunk=4)
+    return jnp.sum(w * out.reshape(3, 5, 6))
+
+  want = jax.value_and_grad(dense, (0, 1))(table, x_t)
+  got = jax.jit(jax.value_and_grad(fused, (0, 1)))(table, x_t)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-5), want, got)
+  # The coefficients are constants of the fixed schedule: no gradient.
+  g_coef = jax.grad(lambda c: jnp.sum(softmax_mean(
+      x_t.reshape(15, 6), c, table, chunk=4)))(
+          jnp.repeat(p.base_coefficients(t_B), 5, axis=0))
+  assert not np.any(np.asarray(g_coef))

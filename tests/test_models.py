@@ -146,6 +146,31 @@ def test_embedding_and_tied_rounding():
                              atol=1e-5)
 
 
+def test_fused_rounding_nll_is_the_dense_cross_entropy_in_value_and_grad():
+  """Denoiser.round_nll equals the cross-entropy of round_logits, in value
+  and in the gradient of the table and of x (and is absent unfused)."""
+  from diffusion_text.contract import cross_entropy
+  spec = spec_for("latents", "vector", embed_vocab=V)
+  graphdef, params = nnx.split(build_model(spec, CFG, seed=0))
+  x = jax.random.normal(jax.random.key(1), (B, L, D))
+  ids = jax.random.randint(jax.random.key(2), (B, L), 0, V)
+  w = jax.random.normal(jax.random.key(3), (B, L))
+
+  def total(params, x, fused):
+    den = as_denoiser(nnx.merge(graphdef, params))
+    nll = (den.round_nll(x, ids) if fused
+           else cross_entropy(den.round_logits(x), ids))
+    return jnp.sum(w * nll)
+
+  want = jax.value_and_grad(total, (0, 1))(params, x, False)
+  got = jax.jit(jax.value_and_grad(total, (0, 1)), static_argnums=2)(
+      params, x, True)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-5), want, got)
+  assert as_denoiser(nnx.merge(graphdef, params),
+                     fused_loss=False).round_nll is None
+
+
 def test_bfloat16_close_to_float32():
   spec = spec_for("tokens", "logits")
   x, t_B = inputs(spec), jnp.full((B,), 0.4)

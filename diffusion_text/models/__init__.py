@@ -28,7 +28,8 @@ def as_denoiser(model: Transformer, fused_loss: bool = True) -> Denoiser:
   at selected positions only; `fused_loss=False` leaves it out, so processes
   use the dense head everywhere (for comparisons); the same holds for
   `target_lse` (the same, with the logsumexp) and `map_logits`, the chunked
-  head for vocabulary-sized losses. A published backbone
+  head for vocabulary-sized losses, and `round_nll`, the fused rounding
+  cross-entropy of a learned embedding table. A published backbone
   (`backbones.Adapted`) is bound through its registry adapter.
   """
   adapted = getattr(model, "adapted_denoiser", None)
@@ -45,6 +46,8 @@ def as_denoiser(model: Transformer, fused_loss: bool = True) -> Denoiser:
                   if fused_loss and spec.output == "logits" else None),
       embed=model.embed if spec.embed_vocab else None,
       round_logits=model.round_logits if spec.embed_vocab else None,
+      round_nll=(model.round_nll
+                 if fused_loss and spec.embed_vocab else None),
       gamma=model.gamma if spec.learned_schedule else None)
 
 

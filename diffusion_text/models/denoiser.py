@@ -29,7 +29,8 @@ from flax import nnx
 from diffusion_text.config import ModelConfig, compute_dtype
 from diffusion_text.models.conditioning import MonotoneGamma, TimeEmbedding
 from diffusion_text.models.cross_entropy import (chunk_logits,
-                                                 selected_ce_and_lse)
+                                                 selected_ce_and_lse,
+                                                 selected_cross_entropy)
 from diffusion_text.models.layers import (MLP, Attention, dense_init,
                                           layer_norm, modulate)
 from diffusion_text.contract import ModelSpec, map_rows
@@ -216,6 +217,17 @@ class Transformer(nnx.Module):
     """Tied rounding logits x @ E^T -> [B, L, V] (float32)."""
     return jnp.einsum("bld,vd->blv", x_BxLxD.astype(jnp.float32),
                       self.token_embedding[...])
+
+  def round_nll(self, x_BxLxD: Array, target_BxL: Array) -> Array:
+    """-log softmax(round_logits(x))[target] [B, L], fused like
+    `target_nll` (no [B, L, V] logits in either pass)."""
+    b, length, d = x_BxLxD.shape
+    table_VxD = self.token_embedding[...]
+    ce_N = selected_cross_entropy(
+        x_BxLxD.reshape(b * length, d).astype(jnp.float32), table_VxD.T,
+        jnp.zeros(table_VxD.shape[:1], jnp.float32), target_BxL.reshape(-1),
+        jnp.ones((b * length,), bool))
+    return ce_N.reshape(b, length)
 
   def gamma(self, t_B: Array) -> Array:
     """Learned -log SNR(t), increasing, gamma(0), gamma(1) = gamma_range."""

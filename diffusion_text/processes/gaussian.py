@@ -16,7 +16,8 @@ t = 0 the tokens are resolved, eps_base is the drawn eps to float precision,
 and the SNR-ratio weight no longer amplifies network error; with the
 backbone's zero-initialised head the model starts at eps_base. Cost: a
 V-way softmax and two V x D matmuls per position, computed a chunk of
-positions at a time (`contract.map_rows`), so no [B, L, V] array is held.
+positions at a time with a custom VJP (`gaussian_posterior.softmax_mean`),
+so no [B, L, V] array is held.
 
 Training objective (`loss`), per real token:
   L_simple = ||eps - eps_hat(x_t, t)||^2 / D                      (Ho eq. 14)
@@ -154,28 +155,38 @@ class GaussianProcess(Process):
     table_VxD = denoiser.embed(jnp.arange(self.vocab_size)[None])[0]
     return table_VxD.astype(jnp.float32)
 
+  def base_coefficients(self, t: Array) -> Array:
+    """(a, b, c) = (sqrt(ab), ab / 2, 1 - ab) per sequence [B, 3], so that
+    log q(w | x_t) = (a <x_t, e_w> - b ||e_w||^2) / c + const."""
+    ab_B = jnp.atleast_1d(self.alpha_bar(t))
+    # 1 - ab_1 ~ 4e-5 (cosine_vp, T = 1000): logits ~ 1e5 are fine for the
+    # max-subtracting softmax; the floor only guards ab == 1 (t = 0).
+    return jnp.stack([jnp.sqrt(ab_B), 0.5 * ab_B,
+                      jnp.maximum(1.0 - ab_B, _TINY)], axis=-1)
+
   def base_logits(self, x_t: Array, t: Array, table_VxD: Array) -> Array:
-    """log q(w | x_t) + const per position [B, L, V], uniform token prior.
+    """log q(w | x_t) + const per position [B, L, V], uniform token prior
+    (the dense reference of `gaussian_posterior.posterior_mean`).
 
     -||x_t - sqrt(ab) e_w||^2 / (2 (1 - ab)) without the w-free ||x_t||^2.
     """
-    ab_t = _bcast(jnp.broadcast_to(self.alpha_bar(t), x_t.shape[:1]), x_t)
+    coef_Bx3 = jnp.broadcast_to(self.base_coefficients(t),
+                                (x_t.shape[0], 3))
+    a, b, c = (coef_Bx3[:, None, i:i + 1] for i in range(3))
     dot_BxLxV = jnp.einsum("bld,vd->blv", x_t, table_VxD)
     sq_V = jnp.sum(jnp.square(table_VxD), axis=-1)
-    # 1 - ab_1 ~ 4e-5 (cosine_vp, T = 1000): logits ~ 1e5 are fine for the
-    # max-subtracting softmax; the floor only guards ab == 1 (t = 0).
-    return ((jnp.sqrt(ab_t) * dot_BxLxV - 0.5 * ab_t * sq_V)
-            / jnp.maximum(1.0 - ab_t, _TINY))
+    return (a * dot_BxLxV - b * sq_V) / c
 
   def _complete(self, denoiser: Denoiser, x_t: Array, t_B: Array,
-                net: Array, resolved: bool = False) -> tuple[Array, Array]:
+                net: Array, tokens: Array | None = None
+                ) -> tuple[Array, Array]:
     """(x0_hat, eps_hat) from the network output `net` at (x_t, t_B);
-    `resolved`: see `gaussian_posterior.posterior_mean`."""
+    `tokens`: see `gaussian_posterior.posterior_mean`."""
     ab_t = _bcast(self.alpha_bar(t_B), x_t)
     if not self.base_eps:
       return (x_t - jnp.sqrt(1.0 - ab_t) * net) / jnp.sqrt(ab_t), net
-    x0_base = posterior_mean(self.base_logits, x_t, t_B,
-                             self.embedding_table(denoiser), resolved)
+    x0_base = posterior_mean(x_t, self.base_coefficients(t_B),
+                             self.embedding_table(denoiser), tokens)
     eps_base = ((x_t - jnp.sqrt(ab_t) * x0_base)
                 / jnp.sqrt(jnp.maximum(1.0 - ab_t, _TINY)))
     # x0_hat from x0_base directly: no x_t - sqrt(1-ab) eps cancellation.
@@ -256,24 +267,28 @@ class GaussianProcess(Process):
     return self._noised(key, x0, t)[0]
 
   def _predict_pair(self, denoiser: Denoiser, x_a: Array, t_a: Array,
-                    x_1: Array) -> tuple[Array, Array]:
+                    x_1: Array, tokens: Array) -> tuple[Array, Array]:
     """eps_hat at (x_a, t_a) and x0_hat at (x_1, 1/T), one network call.
 
-    At t = 1/T the tokens are resolved, so x0_base(x_1) takes the exact
-    one-hot shortcut of `posterior_mean` when it applies."""
+    At t = 1/T the tokens x_1 was drawn from are resolved, so x0_base(x_1)
+    takes the exact one-hot shortcut of `posterior_mean` when it applies."""
     batch = x_a.shape[0]
     t_1 = jnp.full((batch,), 1.0 / self.num_steps)
     x = jnp.concatenate([x_a, x_1])
     net = denoiser.predict(x, jnp.concatenate([t_a, t_1])).astype(jnp.float32)
     _, eps_hat = self._complete(denoiser, x_a, t_a, net[:batch])
     x0_hat_1, _ = self._complete(denoiser, x_1, t_1, net[batch:],
-                                 resolved=True)
+                                 tokens=tokens)
     return eps_hat, x0_hat_1
 
   def _reconstruction(self, denoiser: Denoiser, x0_hat_1: Array,
                       tokens: Array) -> Array:
-    """-log p(w | x_1) per position [B, L], from x0_hat(x_1), a chunk of
-    positions at a time (no [B, L, V] rounding logits)."""
+    """-log p(w | x_1) per position [B, L], from x0_hat(x_1): the model's
+    fused rounding CE where it has one, else a chunk of positions at a
+    time (no [B, L, V] rounding logits either way)."""
+    if denoiser.round_nll is not None:
+      return denoiser.round_nll(x0_hat_1, tokens)
+
     def nll(rows):
       x_Nx1xD, w_Nx1 = rows
       return cross_entropy(denoiser.round_logits(x_Nx1xD), w_Nx1)
@@ -291,7 +306,8 @@ class GaussianProcess(Process):
     t_B = step_B / T
     x_t, eps = self._noised(noise_key, x0, t_B)
     x_1, _ = self._noised(x1_key, x0, jnp.full_like(t_B, 1.0 / T))
-    eps_hat, x0_hat_1 = self._predict_pair(denoiser, x_t, t_B, x_1)
+    eps_hat, x0_hat_1 = self._predict_pair(denoiser, x_t, t_B, x_1,
+                                                  tokens)
 
     mse_BxL = jnp.mean(jnp.square(eps - eps_hat), axis=-1)
     recon_BxL = self._reconstruction(denoiser, x0_hat_1, tokens)
@@ -325,7 +341,8 @@ class GaussianProcess(Process):
       step_B, inv_p_B = self.sample_step(time_key, batch, denoiser)
       t_B = step_B / T
       x_t, eps = self._noised(noise_key, x0, t_B)
-      eps_hat, x0_hat_1 = self._predict_pair(denoiser, x_t, t_B, x_1)
+      eps_hat, x0_hat_1 = self._predict_pair(denoiser, x_t, t_B, x_1,
+                                                  tokens)
       kl_BxL = self._kl_from_eps(eps, eps_hat, (step_B - 1) / T, t_B)
       terms["diffusion"] = inv_p_B * masked_sum(kl_BxL, mask)
     else:
