@@ -32,7 +32,7 @@ from diffusion_text.models.cross_entropy import (chunk_logits,
                                                  selected_ce_and_lse,
                                                  selected_cross_entropy)
 from diffusion_text.models.layers import (MLP, Attention, dense_init,
-                                          layer_norm, modulate)
+                                          layer_norm, modulate, rows)
 from diffusion_text.contract import ModelSpec, map_rows
 
 Array = jax.Array
@@ -114,7 +114,8 @@ class Transformer(nnx.Module):
   def __call__(self, x: Array, t_B: Array,
                self_cond: Optional[Array] = None) -> Array:
     """x: int32 [B, L] ids or float [B, L, latent_dim]; t: [B] -> float32."""
-    return self.head(self._features(x, t_B, self_cond)).astype(jnp.float32)
+    return rows(self.head, self._features(x, t_B, self_cond)).astype(
+        jnp.float32)
 
   def target_nll(self, x: Array, t_B: Array, target_BxL: Array,
                  where_BxL: Array) -> Array:
@@ -177,7 +178,7 @@ class Transformer(nnx.Module):
           self_cond = jnp.zeros_like(x_BxLxD)
         x_BxLxD = jnp.concatenate(
             [x_BxLxD, self_cond.astype(jnp.float32)], axis=-1)
-      h_BxLxD = self.stem(x_BxLxD)
+      h_BxLxD = rows(self.stem, x_BxLxD)
     h_BxLxD = h_BxLxD.astype(self.dtype)
 
     t_B = jnp.broadcast_to(jnp.asarray(t_B, jnp.float32), (x.shape[0],))
