@@ -289,8 +289,9 @@ def test_target_nll_is_the_heads_cross_entropy_where_selected():
 
 def test_map_logits_is_fn_of_the_dense_logits_in_value_and_grad(monkeypatch):
   """The chunked head (contract.map_rows: several chunks, a padded last
-  one) gives fn of the dense logits, in value and in the parameters'
-  gradient; rows of any trailing shape travel with their positions."""
+  one) gives fn of the dense logits, in value and in the gradients of the
+  parameters, of float rows and of an array fn closes over; integer rows
+  and rows of any trailing shape travel with their positions."""
   from diffusion_text import contract
   monkeypatch.setattr(contract, "ROW_CHUNK", 3)  # B * L = 16: 6 chunks
   spec = spec_for("tokens", "logits")
@@ -299,34 +300,43 @@ def test_map_logits_is_fn_of_the_dense_logits_in_value_and_grad(monkeypatch):
   x, t_B = inputs(spec), jnp.full((B,), 0.3)
   target = jax.random.randint(jax.random.key(3), (B, L), 0, V)
   shift = jax.random.normal(jax.random.key(4), (B, L, 2))
+  scale_V = jax.random.normal(jax.random.key(5), (V,))
 
-  def fn(logits_NxV, rows):
-    target_N, shift_Nx2 = rows
-    lse_N = jax.nn.logsumexp(logits_NxV, -1)
-    tgt_N = jnp.take_along_axis(logits_NxV, target_N[:, None], -1)[:, 0]
-    soft_N = jnp.sum(jax.nn.softplus(logits_NxV + shift_Nx2[:, :1]), -1)
-    return lse_N - tgt_N, soft_N[:, None] * shift_Nx2
+  def fn_of(scale_V):
+    def fn(logits_NxV, rows):
+      target_N, shift_Nx2 = rows
+      logits_NxV = logits_NxV * scale_V  # a closed-over, differentiable array
+      lse_N = jax.nn.logsumexp(logits_NxV, -1)
+      tgt_N = jnp.take_along_axis(logits_NxV, target_N[:, None], -1)[:, 0]
+      soft_N = jnp.sum(jax.nn.softplus(logits_NxV + shift_Nx2[:, :1]), -1)
+      return lse_N - tgt_N, soft_N[:, None] * shift_Nx2
+    return fn
 
-  def dense(params):
+  def dense(params, shift, scale_V):
     logits = nnx.merge(graphdef, params)(x, t_B).reshape(B * L, V)
-    a, b = fn(logits, (target.reshape(-1), shift.reshape(B * L, 2)))
+    a, b = fn_of(scale_V)(logits, (target.reshape(-1),
+                                   shift.reshape(B * L, 2)))
     return a.reshape(B, L), b.reshape(B, L, 2)
 
-  def chunked(params):
-    return nnx.merge(graphdef, params).map_logits(x, t_B, fn, (target, shift))
+  def chunked(params, shift, scale_V):
+    return nnx.merge(graphdef, params).map_logits(x, t_B, fn_of(scale_V),
+                                                  (target, shift))
 
-  def total(params, f):
-    a, b = f(params)
+  def total(params, shift, scale_V, f):
+    a, b = f(params, shift, scale_V)
     return jnp.sum(a) + jnp.sum(jnp.sin(b)), (a, b)
 
   (_, out0), g0 = jax.value_and_grad(functools.partial(total, f=dense),
-                                     has_aux=True)(params)
+                                     (0, 1, 2), has_aux=True)(
+                                         params, shift, scale_V)
   (_, out1), g1 = jax.value_and_grad(functools.partial(total, f=chunked),
-                                     has_aux=True)(params)
+                                     (0, 1, 2), has_aux=True)(
+                                         params, shift, scale_V)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=1e-5), out0, out1)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                        atol=1e-5), g0, g1)
+  assert np.abs(np.asarray(g1[2])).max() > 0  # the closure's gradient
 
 
 def test_selected_ce_and_lse_gradient_of_both_outputs():
