@@ -31,8 +31,8 @@ from diffusion_text.models.conditioning import MonotoneGamma, TimeEmbedding
 from diffusion_text.models.cross_entropy import (chunk_logits,
                                                  selected_ce_and_lse,
                                                  selected_cross_entropy)
-from diffusion_text.models.layers import (MLP, Attention, dense_init,
-                                          layer_norm, modulate, rows)
+from diffusion_text.models.layers import (MLP, Attention, apply_flat,
+                                          dense_init, layer_norm, modulate)
 from diffusion_text.contract import ModelSpec, map_rows
 
 Array = jax.Array
@@ -114,8 +114,8 @@ class Transformer(nnx.Module):
   def __call__(self, x: Array, t_B: Array,
                self_cond: Optional[Array] = None) -> Array:
     """x: int32 [B, L] ids or float [B, L, latent_dim]; t: [B] -> float32."""
-    return rows(self.head, self._features(x, t_B, self_cond)).astype(
-        jnp.float32)
+    h_BxLxD = self._features(x, t_B, self_cond)
+    return apply_flat(self.head, h_BxLxD).astype(jnp.float32)
 
   def target_nll(self, x: Array, t_B: Array, target_BxL: Array,
                  where_BxL: Array) -> Array:
@@ -178,7 +178,7 @@ class Transformer(nnx.Module):
           self_cond = jnp.zeros_like(x_BxLxD)
         x_BxLxD = jnp.concatenate(
             [x_BxLxD, self_cond.astype(jnp.float32)], axis=-1)
-      h_BxLxD = rows(self.stem, x_BxLxD)
+      h_BxLxD = apply_flat(self.stem, x_BxLxD)
     h_BxLxD = h_BxLxD.astype(self.dtype)
 
     t_B = jnp.broadcast_to(jnp.asarray(t_B, jnp.float32), (x.shape[0],))

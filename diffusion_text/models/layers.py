@@ -18,7 +18,7 @@ Array = jax.Array
 dense_init = nnx.initializers.xavier_uniform()
 
 
-def rows(layer: nnx.Linear, x: Array) -> Array:
+def apply_flat(layer: nnx.Linear, x: Array) -> Array:
   """`layer` over the last axis of x as one [N, D] x [D, F] matmul.
 
   The same numbers as `layer(x)`; on XLA:CPU the backward pass of a
@@ -77,7 +77,7 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BxLxD: Array) -> Array:
     b, length, d = x_BxLxD.shape
-    qkv_BxLx3xNxH = rows(self.qkv, x_BxLxD).reshape(
+    qkv_BxLx3xNxH = apply_flat(self.qkv, x_BxLxD).reshape(
         b, length, 3, self.num_heads, d // self.num_heads)
     q_BxLxNxH = rotary(qkv_BxLx3xNxH[:, :, 0])
     k_BxLxNxH = rotary(qkv_BxLx3xNxH[:, :, 1])
@@ -85,7 +85,7 @@ class Attention(nnx.Module):
     # The XLA implementation takes its softmax in float32 for bf16 inputs.
     out_BxLxNxH = jax.nn.dot_product_attention(
         q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, is_causal=self.causal)
-    return rows(self.out, out_BxLxNxH.reshape(b, length, d))
+    return apply_flat(self.out, out_BxLxNxH.reshape(b, length, d))
 
 
 class MLP(nnx.Module):
@@ -99,5 +99,5 @@ class MLP(nnx.Module):
                            dtype=dtype, rngs=rngs)
 
   def __call__(self, x_BxLxD: Array) -> Array:
-    return rows(self.down, jax.nn.gelu(rows(self.up, x_BxLxD),
-                                       approximate=True))
+    h_BxLxF = jax.nn.gelu(apply_flat(self.up, x_BxLxD), approximate=True)
+    return apply_flat(self.down, h_BxLxF)

@@ -307,7 +307,7 @@ class GaussianProcess(Process):
     x_t, eps = self._noised(noise_key, x0, t_B)
     x_1, _ = self._noised(x1_key, x0, jnp.full_like(t_B, 1.0 / T))
     eps_hat, x0_hat_1 = self._predict_pair(denoiser, x_t, t_B, x_1,
-                                                  tokens)
+                                              tokens)
 
     mse_BxL = jnp.mean(jnp.square(eps - eps_hat), axis=-1)
     recon_BxL = self._reconstruction(denoiser, x0_hat_1, tokens)
@@ -342,7 +342,7 @@ class GaussianProcess(Process):
       t_B = step_B / T
       x_t, eps = self._noised(noise_key, x0, t_B)
       eps_hat, x0_hat_1 = self._predict_pair(denoiser, x_t, t_B, x_1,
-                                                  tokens)
+                                              tokens)
       kl_BxL = self._kl_from_eps(eps, eps_hat, (step_B - 1) / T, t_B)
       terms["diffusion"] = inv_p_B * masked_sum(kl_BxL, mask)
     else:
