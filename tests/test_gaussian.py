@@ -510,7 +510,8 @@ def test_fused_softmax_mean_equals_dense_autodiff_in_value_and_grad():
   """softmax_mean's chunked forward and hand-written VJP equal jax's
   autodiff of the dense softmax(base_logits) @ E, with a different t per
   sequence and a last chunk that is padded (N = 15, chunk 4)."""
-  from diffusion_text.processes.gaussian_posterior import softmax_mean
+  from diffusion_text.processes.gaussian_posterior import (base_logits,
+                                                          softmax_mean)
   p = make_process("gaussian", vocab_size=11, num_steps=1000, latent_dim=6)
   table = jax.random.normal(jax.random.key(0), (11, 6))
   ids = jax.random.randint(jax.random.key(1), (3, 5), 0, 11)
@@ -519,7 +520,8 @@ def test_fused_softmax_mean_equals_dense_autodiff_in_value_and_grad():
   w = jax.random.normal(jax.random.key(3), (3, 5, 6))
 
   def dense(table, x_t):
-    probs = jax.nn.softmax(p.base_logits(x_t, t_B, table), axis=-1)
+    probs = jax.nn.softmax(
+        base_logits(x_t, p.base_coefficients(t_B), table), axis=-1)
     return jnp.sum(w * jnp.einsum("blv,vd->bld", probs, table))
 
   def fused(table, x_t):

@@ -69,7 +69,8 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_text.contract import cross_entropy, map_rows
-from diffusion_text.processes.gaussian_posterior import posterior_mean
+from diffusion_text.processes.gaussian_posterior import (nearest_ids,
+                                                        posterior_mean)
 from diffusion_text.processes.base import (Array, Bound, Denoiser,
                                            LossOutput, ModelSpec, Process,
                                            SamplingOptions, make_bound,
@@ -157,25 +158,13 @@ class GaussianProcess(Process):
 
   def base_coefficients(self, t: Array) -> Array:
     """(a, b, c) = (sqrt(ab), ab / 2, 1 - ab) per sequence [B, 3], so that
-    log q(w | x_t) = (a <x_t, e_w> - b ||e_w||^2) / c + const."""
+    log q(w | x_t) = (a <x_t, e_w> - b ||e_w||^2) / c + const
+    (`gaussian_posterior.base_logits`)."""
     ab_B = jnp.atleast_1d(self.alpha_bar(t))
     # 1 - ab_1 ~ 4e-5 (cosine_vp, T = 1000): logits ~ 1e5 are fine for the
     # max-subtracting softmax; the floor only guards ab == 1 (t = 0).
     return jnp.stack([jnp.sqrt(ab_B), 0.5 * ab_B,
                       jnp.maximum(1.0 - ab_B, _TINY)], axis=-1)
-
-  def base_logits(self, x_t: Array, t: Array, table_VxD: Array) -> Array:
-    """log q(w | x_t) + const per position [B, L, V], uniform token prior
-    (the dense reference of `gaussian_posterior.posterior_mean`).
-
-    -||x_t - sqrt(ab) e_w||^2 / (2 (1 - ab)) without the w-free ||x_t||^2.
-    """
-    coef_Bx3 = jnp.broadcast_to(self.base_coefficients(t),
-                                (x_t.shape[0], 3))
-    a, b, c = (coef_Bx3[:, None, i:i + 1] for i in range(3))
-    dot_BxLxV = jnp.einsum("bld,vd->blv", x_t, table_VxD)
-    sq_V = jnp.sum(jnp.square(table_VxD), axis=-1)
-    return (a * dot_BxLxV - b * sq_V) / c
 
   def _complete(self, denoiser: Denoiser, x_t: Array, t_B: Array,
                 net: Array, tokens: Array | None = None
@@ -357,17 +346,8 @@ class GaussianProcess(Process):
     return jax.random.normal(key, (*shape, self.latent_dim), jnp.float32)
 
   def nearest_ids(self, denoiser: Denoiser, x: Array) -> Array:
-    """Id of the nearest (L2) embedding to x [B, L, D] -> int32 [B, L]:
-    argmax x.e - |e|^2 / 2 (x.e alone favours long embeddings)."""
-    table_VxD = self.embedding_table(denoiser)
-    score_BxLxV = (jnp.einsum("bld,vd->blv", x, table_VxD)
-                   - 0.5 * jnp.sum(jnp.square(table_VxD), axis=-1))
-    return jnp.argmax(score_BxLxV, axis=-1).astype(jnp.int32)
-
-  def _nearest_embedding(self, denoiser: Denoiser, x: Array) -> Array:
-    """The embedding closest (L2) to each x [B, L, D]."""
-    return jnp.take(self.embedding_table(denoiser),
-                    self.nearest_ids(denoiser, x), axis=0)
+    """Id of the nearest (L2) embedding to x [B, L, D] -> int32 [B, L]."""
+    return nearest_ids(x, self.embedding_table(denoiser))
 
   def time_grid(self, steps: int, length: int,
                 options: SamplingOptions = SamplingOptions()) -> Array:
@@ -388,7 +368,8 @@ class GaussianProcess(Process):
     x0_hat, eps_hat = self.predict_x0(denoiser, x_t, t)
     ab_t = self.alpha_bar(t)
     if self.clamp:
-      x0_hat = self._nearest_embedding(denoiser, x0_hat)
+      table_VxD = self.embedding_table(denoiser)
+      x0_hat = jnp.take(table_VxD, nearest_ids(x0_hat, table_VxD), axis=0)
       eps_hat = (x_t - jnp.sqrt(ab_t) * x0_hat) / jnp.sqrt(1.0 - ab_t)
     mean, var = step_fn(self, x_t, x0_hat, eps_hat, s, t)
     x_s = mean + jnp.sqrt(var) * jax.random.normal(key, x_t.shape)

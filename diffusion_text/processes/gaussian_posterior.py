@@ -12,7 +12,8 @@ gradients of x and the table directly (five [C, D] x [D, V]-sized matmuls
 and a few elementwise passes per chunk), so neither pass holds a [N, V]
 array and no per-chunk [V, D] temporaries of jax's autodiff of a chunked
 map are made. `posterior_mean` adds an exact shortcut once the tokens are
-resolved.
+resolved; `base_logits` is its dense reference, and `nearest_ids` the
+zero-noise limit (the nearest row of E).
 """
 
 from __future__ import annotations
@@ -37,6 +38,25 @@ def affine_logits(x_CxD: Array, coef_Cx3: Array, table_VxD: Array,
   a_C1, b_C1, c_C1 = (coef_Cx3[:, i:i + 1] for i in range(3))
   dot_CxV = jax.lax.dot_general(x_CxD, table_VxD, (((1,), (1,)), ((), ())))
   return (a_C1 * dot_CxV - b_C1 * sq_V) / c_C1
+
+
+def base_logits(x_t: Array, coef_Bx3: Array, table_VxD: Array) -> Array:
+  """log q(w | x_t) + const per position [B, L, V] for per-sequence
+  coefficients [B, 3]: -||x_t - sqrt(ab) e_w||^2 / (2 (1 - ab)) without
+  the w-free ||x_t||^2. The dense reference of `posterior_mean`."""
+  b, length, d = x_t.shape
+  coef_Nx3 = jnp.repeat(jnp.broadcast_to(coef_Bx3, (b, 3)), length, axis=0)
+  sq_V = jnp.sum(jnp.square(table_VxD), axis=-1)
+  return affine_logits(x_t.reshape(b * length, d), coef_Nx3, table_VxD,
+                       sq_V).reshape(b, length, -1)
+
+
+def nearest_ids(x: Array, table_VxD: Array) -> Array:
+  """Id of the nearest (L2) row of the table to x [B, L, D] -> int32
+  [B, L]: argmax x.e - |e|^2 / 2 (x.e alone favours long embeddings)."""
+  score_BxLxV = (jnp.einsum("bld,vd->blv", x, table_VxD)
+                 - 0.5 * jnp.sum(jnp.square(table_VxD), axis=-1))
+  return jnp.argmax(score_BxLxV, axis=-1).astype(jnp.int32)
 
 
 def _chunks(a: Array, chunk: int) -> Array:
