@@ -116,9 +116,18 @@ def map_rows(fn: Callable, rows, chunk: Optional[int] = None):
   chunk = chunk or ROW_CHUNK
   if n <= chunk:
     return fn(rows)
-  pad = -n % chunk
-  split = lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1),
-                            mode="edge").reshape(-1, chunk, *a.shape[1:])
   out = jax.lax.map(jax.checkpoint(fn, prevent_cse=False),
-                    jax.tree.map(split, rows))
-  return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[:n], out)
+                    jax.tree.map(lambda a: split_rows(a, chunk), rows))
+  return jax.tree.map(lambda a: join_rows(a, n), out)
+
+
+def split_rows(a: Array, chunk: int) -> Array:
+  """[N, ...] -> [ceil(N / chunk), chunk, ...], the last chunk padded with
+  copies of the last row (real values, never garbage)."""
+  pad = [(0, -a.shape[0] % chunk)] + [(0, 0)] * (a.ndim - 1)
+  return jnp.pad(a, pad, mode="edge").reshape(-1, chunk, *a.shape[1:])
+
+
+def join_rows(a: Array, n: int) -> Array:
+  """The inverse of `split_rows`: [K, chunk, ...] -> the first n rows."""
+  return a.reshape(-1, *a.shape[2:])[:n]

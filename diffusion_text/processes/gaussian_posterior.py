@@ -59,17 +59,6 @@ def nearest_ids(x: Array, table_VxD: Array) -> Array:
   return jnp.argmax(score_BxLxV, axis=-1).astype(jnp.int32)
 
 
-def _chunks(a: Array, chunk: int) -> Array:
-  """[N, ...] -> [N / chunk, chunk, ...], the last chunk edge-padded."""
-  pad = -a.shape[0] % chunk
-  a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), mode="edge")
-  return a.reshape(-1, chunk, *a.shape[1:])
-
-
-def _unchunk(a: Array, n: int) -> Array:
-  return a.reshape(-1, *a.shape[2:])[:n]
-
-
 def _softmax(x_CxD, coef_Cx3, table_VxD, sq_V):
   """(unnormalised exp(z - max z) [C, V], its row sums [C, 1])."""
   z_CxV = affine_logits(x_CxD, coef_Cx3, table_VxD, sq_V)
@@ -84,8 +73,9 @@ def _forward(x_NxD, coef_Nx3, table_VxD, chunk):
     e_CxV, s_C1 = _softmax(*rows, table_VxD, sq_V)
     return (e_CxV @ table_VxD) / s_C1
 
-  out = jax.lax.map(one, (_chunks(x_NxD, chunk), _chunks(coef_Nx3, chunk)))
-  return _unchunk(out, x_NxD.shape[0])
+  split = lambda a: contract.split_rows(a, chunk)
+  out = jax.lax.map(one, (split(x_NxD), split(coef_Nx3)))
+  return contract.join_rows(out, x_NxD.shape[0])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -130,10 +120,11 @@ def _softmax_mean_bwd(chunk, res, g_NxD):
                                                         t_contract))
     return d_table, dx_CxD
 
-  rows = tuple(_chunks(a, chunk) for a in (x_NxD, coef_Nx3, g_NxD))
+  rows = tuple(contract.split_rows(a, chunk) for a in (x_NxD, coef_Nx3,
+                                                       g_NxD))
   real = jnp.pad(real_N1, [(0, -n % chunk), (0, 0)]).reshape(-1, chunk, 1)
   d_table, dx = jax.lax.scan(body, jnp.zeros_like(table_VxD), (*rows, real))
-  return _unchunk(dx, n), jnp.zeros_like(coef_Nx3), d_table
+  return contract.join_rows(dx, n), jnp.zeros_like(coef_Nx3), d_table
 
 
 _softmax_mean.defvjp(_softmax_mean_fwd, _softmax_mean_bwd)
