@@ -97,11 +97,9 @@ def _softmax_mean_bwd(chunk, res, g_NxD):
   x_NxD, coef_Nx3, table_VxD = res
   n = x_NxD.shape[0]
   sq_V = jnp.sum(jnp.square(table_VxD), axis=-1)
-  real_N1 = jnp.ones((n, 1), jnp.float32)  # padded rows carry no cotangent
 
   def body(d_table, rows):
-    x_CxD, coef_Cx3, g_CxD, real_C1 = rows
-    g_CxD = g_CxD * real_C1
+    x_CxD, coef_Cx3, g_CxD = rows
     e_CxV, s_C1 = _softmax(x_CxD, coef_Cx3, table_VxD, sq_V)
     p_CxV = e_CxV / s_C1
     dp_CxV = jax.lax.dot_general(g_CxD, table_VxD, (((1,), (1,)), ((), ())))
@@ -120,10 +118,12 @@ def _softmax_mean_bwd(chunk, res, g_NxD):
                                                         t_contract))
     return d_table, dx_CxD
 
-  rows = tuple(contract.split_rows(a, chunk) for a in (x_NxD, coef_Nx3,
-                                                       g_NxD))
-  real = jnp.pad(real_N1, [(0, -n % chunk), (0, 0)]).reshape(-1, chunk, 1)
-  d_table, dx = jax.lax.scan(body, jnp.zeros_like(table_VxD), (*rows, real))
+  # Padded rows get a zero cotangent, so they add nothing to d_table.
+  g = jnp.pad(g_NxD, [(0, -n % chunk), (0, 0)]).reshape(-1, chunk,
+                                                        g_NxD.shape[1])
+  rows = (contract.split_rows(x_NxD, chunk),
+          contract.split_rows(coef_Nx3, chunk), g)
+  d_table, dx = jax.lax.scan(body, jnp.zeros_like(table_VxD), rows)
   return contract.join_rows(dx, n), jnp.zeros_like(coef_Nx3), d_table
 
 
