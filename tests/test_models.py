@@ -367,3 +367,82 @@ def test_selected_ce_and_lse_gradient_of_both_outputs():
       0.1 * f(*a)[1])), argnums=(0, 1, 2))(h, w, b) for f in (dense, fused)]
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4,
                                                        atol=1e-5), *grads)
+
+
+def _count_recomputes(monkeypatch):
+  """Counts the fused head's fallback recomputations (each warns once)."""
+  from diffusion_text.models import cross_entropy
+  calls = []
+  monkeypatch.setattr(cross_entropy, "_warn_recomputed",
+                      lambda: calls.append(1))
+  return calls
+
+
+def test_selected_ce_weights_fold_the_gradient_into_the_forward(monkeypatch):
+  """With `weights`, the gradient formed in the forward pass equals the
+  dense one whenever the objective applies those weights (any common
+  factor, CE and logsumexp both weighted, rows off `where` ignored); with
+  other cotangents the backward recomputes, still exactly, and warns."""
+  from diffusion_text.models.cross_entropy import selected_ce_and_lse
+  recomputes = _count_recomputes(monkeypatch)
+  n, d, v = 23, 8, 13
+  ks = jax.random.split(jax.random.key(2), 6)
+  h, w = jax.random.normal(ks[0], (n, d)), jax.random.normal(ks[1], (d, v))
+  b, target = jax.random.normal(ks[2], (v,)), jax.random.randint(
+      ks[3], (n,), 0, v)
+  a_ce, a_lse = jax.random.uniform(ks[4], (n,)), jax.random.normal(ks[5], (n,))
+  where = jnp.arange(n) % 3 != 0
+
+  def dense(h, w, b):
+    logits = h @ w + b
+    lse = jax.nn.logsumexp(logits, -1)
+    ce = lse - jnp.take_along_axis(logits, target[:, None], -1)[:, 0]
+    return jnp.where(where, ce, 0.0), jnp.where(where, lse, 0.0)
+
+  def grads(f, weights):
+    def objective(h, w, b):
+      ce, lse = f(h, w, b, weights)
+      return -2.5 * jnp.sum(a_ce * ce + a_lse * lse)
+    out = jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2)))(h, w, b)
+    jax.effects_barrier()
+    return out
+
+  def fused(h, w, b, weights):
+    return selected_ce_and_lse(h, w, b, target, where, chunk=4,
+                               weights=weights)
+
+  ref = grads(lambda h, w, b, _: dense(h, w, b), None)
+  off_where = jnp.where(where, 0.0, 7.0)  # rows off `where` do not count
+  for weights, recomputed in [((3 * a_ce + off_where, 3 * a_lse), 0),
+                              ((a_ce, jnp.zeros(n)), 1),
+                              ((a_lse, a_ce), 1)]:
+    del recomputes[:]
+    out = grads(fused, weights)
+    assert len(recomputes) == recomputed
+    np.testing.assert_allclose(out[0], ref[0], rtol=1e-5)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4,
+                                                         atol=1e-5),
+                 out[1], ref[1])
+
+
+@pytest.mark.parametrize("process", ["masked", "ar", "d3pm_absorbing"])
+def test_process_losses_take_the_folded_gradient(process, monkeypatch):
+  """The loss weights masked, ar and d3pm_absorbing pass to the fused head
+  are the ones their objectives apply: differentiating the loss never
+  falls back to the recomputing backward (padding included)."""
+  from diffusion_text.processes import make_process
+  recomputes = _count_recomputes(monkeypatch)
+  proc = make_process(process, vocab_size=V)
+  spec = proc.model_spec
+  model = perturb(build_model(spec, CFG, seed=0))
+  graphdef, params = nnx.split(model)
+  tokens = jax.random.randint(jax.random.key(1), (B, L), 0, V)
+  mask = jnp.arange(L)[None, :] < jnp.array([[L], [L - 3]])
+
+  def loss(params):
+    return proc.loss(jax.random.key(2), as_denoiser(nnx.merge(graphdef, params)),
+                     tokens, mask).loss
+
+  jax.block_until_ready(jax.jit(jax.grad(loss))(params))
+  jax.effects_barrier()
+  assert recomputes == []

@@ -18,6 +18,8 @@ one-hots or [N, V] temporaries exist at any point.
 from __future__ import annotations
 
 import functools
+import warnings
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -66,24 +68,128 @@ def _forward(h_NxD, w_DxV, b_V, target_N, where_N, chunk, dtype):
   return ce_N, (rows_P, count, n_chunks, lse_N)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _selected_ce(h_NxD, w_DxV, b_V, target_N, where_N, chunk, dtype):
+# The fused backward's test: the cotangents it receives must equal the
+# forward's weights times one common factor, to this relative tolerance.
+WEIGHTS_RTOL = 1e-5
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _selected_ce(h_NxD, w_DxV, b_V, target_N, where_N, wce_N, wlse_N,
+                 chunk, dtype, weighted):
+  del wce_N, wlse_N, weighted
   ce_N, (_, _, _, lse_N) = _forward(h_NxD, w_DxV, b_V, target_N, where_N,
                                     chunk, dtype)
   return ce_N, lse_N
 
 
-def _selected_ce_fwd(h_NxD, w_DxV, b_V, target_N, where_N, chunk, dtype):
-  ce_N, (rows_P, count, n_chunks, lse_N) = _forward(
-      h_NxD, w_DxV, b_V, target_N, where_N, chunk, dtype)
-  return (ce_N, lse_N), (h_NxD, w_DxV, b_V, target_N, where_N, rows_P, count,
-                         n_chunks, lse_N)
+def _weighted_forward(h_NxD, w_DxV, b_V, target_N, where_N, wce_N, wlse_N,
+                      chunk, dtype):
+  """`_forward` that also forms the gradient of sum(wce ce + wlse lse), from
+  the same logits and exponentials (no recomputation in the backward)."""
+  rows_P, count, n_chunks = _packed_rows(where_N, chunk)
+  n, vocab = h_NxD.shape[0], w_DxV.shape[1]
+  arange_C = jnp.arange(chunk, dtype=jnp.int32)
+  vocab_V = jnp.arange(vocab, dtype=jnp.int32)
+
+  def body(c, carry):
+    ce_N, lse_N, dh_NxD, dw_DxV, db_V = carry
+    rows_C = jax.lax.dynamic_slice_in_dim(rows_P, c * chunk, chunk)
+    valid_C = c * chunk + arange_C < count
+    h_CxD = h_NxD[rows_C]
+    target_C = target_N[rows_C]
+    logits_CxV = chunk_logits(h_CxD, w_DxV, b_V, dtype)
+    max_C = jnp.max(logits_CxV, axis=-1)
+    exp_CxV = jnp.exp(logits_CxV - max_C[:, None])
+    sum_C = jnp.sum(exp_CxV, axis=-1)
+    lse_C = max_C + jnp.log(sum_C)
+    tgt_C = jnp.take_along_axis(logits_CxV, target_C[:, None], -1)[:, 0]
+    g_C = jnp.where(valid_C, wce_N[rows_C], 0.0)
+    g_lse_C = jnp.where(valid_C, wlse_N[rows_C], 0.0)
+    softmax_CxV = exp_CxV * (1.0 / sum_C)[:, None]
+    onehot_CxV = vocab_V == target_C[:, None]
+    dlogits_CxV = ((g_C + g_lse_C)[:, None] * softmax_CxV
+                   - jnp.where(onehot_CxV, g_C[:, None], 0.0)).astype(dtype)
+    dh_CxD = jax.lax.dot_general(
+        dlogits_CxV, w_DxV.astype(dtype), (((1,), (1,)), ((), ())),
+        preferred_element_type=jnp.float32)
+    dw_DxV = dw_DxV + jax.lax.dot_general(
+        h_CxD.astype(dtype), dlogits_CxV, (((0,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32)
+    db_V = db_V + jnp.sum(dlogits_CxV, axis=0, dtype=jnp.float32)
+    rows_C = jnp.where(valid_C, rows_C, n)
+    ce_N = ce_N.at[rows_C].set(lse_C - tgt_C, mode="drop")
+    lse_N = lse_N.at[rows_C].set(lse_C, mode="drop")
+    dh_NxD = dh_NxD.at[rows_C].set(dh_CxD, mode="drop")
+    return ce_N, lse_N, dh_NxD, dw_DxV, db_V
+
+  zeros_N = jnp.zeros(where_N.shape, jnp.float32)
+  init = (zeros_N, zeros_N, jnp.zeros(h_NxD.shape, jnp.float32),
+          jnp.zeros(w_DxV.shape, jnp.float32), jnp.zeros(b_V.shape, jnp.float32))
+  ce_N, lse_N, dh_NxD, dw_DxV, db_V = jax.lax.fori_loop(0, n_chunks, body, init)
+  return ce_N, lse_N, (rows_P, count, n_chunks), (dh_NxD, dw_DxV, db_V)
 
 
-def _selected_ce_bwd(chunk, dtype, res, g):
-  (h_NxD, w_DxV, b_V, target_N, where_N, rows_P, count, n_chunks,
-   lse_N) = res
+def _selected_ce_fwd(h_NxD, w_DxV, b_V, target_N, where_N, wce_N, wlse_N,
+                     chunk, dtype, weighted):
+  if not weighted:
+    ce_N, (rows_P, count, n_chunks, lse_N) = _forward(
+        h_NxD, w_DxV, b_V, target_N, where_N, chunk, dtype)
+    grads = None
+  else:
+    ce_N, lse_N, (rows_P, count, n_chunks), grads = _weighted_forward(
+        h_NxD, w_DxV, b_V, target_N, where_N, wce_N, wlse_N, chunk, dtype)
+  return (ce_N, lse_N), (h_NxD, w_DxV, b_V, target_N, where_N, wce_N, wlse_N,
+                         rows_P, count, n_chunks, lse_N, grads)
+
+
+def _weights_factor(g_N, g_lse_N, wce_N, wlse_N, where_N):
+  """(c, ok): the least-squares c with (g, g_lse) ~ c (wce, wlse) over the
+  selected rows, and whether it fits to WEIGHTS_RTOL."""
+  sel = lambda a: jnp.where(where_N, a, 0.0)
+  g_N, g_lse_N, wce_N, wlse_N = map(sel, (g_N, g_lse_N, wce_N, wlse_N))
+  norm = jnp.sum(wce_N * wce_N) + jnp.sum(wlse_N * wlse_N)
+  c = (jnp.sum(g_N * wce_N) + jnp.sum(g_lse_N * wlse_N)) / jnp.where(
+      norm > 0, norm, 1.0)
+  err = jnp.maximum(jnp.max(jnp.abs(g_N - c * wce_N)),
+                    jnp.max(jnp.abs(g_lse_N - c * wlse_N)))
+  scale = jnp.maximum(jnp.max(jnp.abs(g_N)), jnp.max(jnp.abs(g_lse_N)))
+  return c, err <= WEIGHTS_RTOL * scale
+
+
+def _warn_recomputed():
+  warnings.warn("selected_cross_entropy: the cotangents did not match the "
+                "given `weights` (up to one factor), so the head's gradient "
+                "was recomputed in the backward pass (exact, but one head "
+                "matmul slower per chunk); pass the weights the objective "
+                "really applies, or none.", stacklevel=2)
+
+
+def _selected_ce_bwd(chunk, dtype, weighted, res, g):
+  (h_NxD, w_DxV, b_V, target_N, where_N, wce_N, wlse_N, rows_P, count,
+   n_chunks, lse_N, grads) = res
   g_N, g_lse_N = g
+  recompute = functools.partial(
+      _recomputed_grads, h_NxD, w_DxV, b_V, target_N, rows_P, count,
+      n_chunks, lse_N, chunk, dtype)
+  if weighted:
+    c, ok = _weights_factor(g_N, g_lse_N, wce_N, wlse_N, where_N)
+
+    def slow(g_N, g_lse_N):
+      jax.debug.callback(_warn_recomputed)
+      return recompute(g_N, g_lse_N)
+
+    dh_NxD, dw_DxV, db_V = jax.lax.cond(
+        ok, lambda *_: tuple(c * a for a in grads), slow, g_N, g_lse_N)
+  else:
+    dh_NxD, dw_DxV, db_V = recompute(g_N, g_lse_N)
+  zeros = jnp.zeros_like(wce_N)
+  return (dh_NxD.astype(h_NxD.dtype), dw_DxV.astype(w_DxV.dtype),
+          db_V.astype(b_V.dtype), None, None, zeros, zeros)
+
+
+def _recomputed_grads(h_NxD, w_DxV, b_V, target_N, rows_P, count, n_chunks,
+                      lse_N, chunk, dtype, g_N, g_lse_N):
+  """The VJP a chunk at a time, each chunk's logits recomputed."""
   n, vocab = h_NxD.shape[0], w_DxV.shape[1]
   arange_C = jnp.arange(chunk, dtype=jnp.int32)
   vocab_V = jnp.arange(vocab, dtype=jnp.int32)
@@ -116,10 +222,7 @@ def _selected_ce_bwd(chunk, dtype, res, g):
 
   init = (jnp.zeros(h_NxD.shape, jnp.float32), jnp.zeros(w_DxV.shape, jnp.float32),
           jnp.zeros(b_V.shape, jnp.float32))
-  dh_NxD, dw_DxV, db_V = jax.lax.fori_loop(0, n_chunks, body, init)
-  del vocab
-  return (dh_NxD.astype(h_NxD.dtype), dw_DxV.astype(w_DxV.dtype),
-          db_V.astype(b_V.dtype), None, None)
+  return jax.lax.fori_loop(0, n_chunks, body, init)
 
 
 _selected_ce.defvjp(_selected_ce_fwd, _selected_ce_bwd)
@@ -127,22 +230,42 @@ _selected_ce.defvjp(_selected_ce_fwd, _selected_ce_bwd)
 
 def selected_cross_entropy(h_NxD: Array, w_DxV: Array, b_V: Array,
                            target_N: Array, where_N: Array, *,
-                           chunk: int = 128,
-                           dtype=jnp.float32) -> Array:
+                           chunk: int = 128, dtype=jnp.float32,
+                           weights: Optional[Array] = None) -> Array:
   """-log softmax(h @ W + b)[target] at rows `where` selects, 0 elsewhere.
 
   h: [N, D] features; w: [D, V]; b: [V]; target: int [N] in [0, V);
   where: bool [N]. Float32 [N]; differentiable in h, w and b. The matmuls run
   in `dtype` with float32 accumulation, as the model's head does.
+  weights: see `selected_ce_and_lse`.
   """
   return selected_ce_and_lse(h_NxD, w_DxV, b_V, target_N, where_N,
-                             chunk=chunk, dtype=dtype)[0]
+                             chunk=chunk, dtype=dtype,
+                             weights=None if weights is None else
+                             (weights, jnp.zeros_like(weights)))[0]
 
 
 def selected_ce_and_lse(h_NxD: Array, w_DxV: Array, b_V: Array,
                         target_N: Array, where_N: Array, *, chunk: int = 128,
-                        dtype=jnp.float32) -> tuple[Array, Array]:
+                        dtype=jnp.float32,
+                        weights: Optional[tuple[Array, Array]] = None
+                        ) -> tuple[Array, Array]:
   """(`selected_cross_entropy`, logsumexp(h @ W + b)) at the selected rows,
-  0 elsewhere; both differentiable (SEDD's score entropy needs the two)."""
+  0 elsewhere; both differentiable (SEDD's score entropy needs the two).
+
+  weights: optional ([N], [N]), the weight the caller's objective gives each
+  row's cross-entropy and logsumexp, up to one common factor (e.g. the
+  per-position loss weight). When differentiated, the forward pass then also
+  forms the gradient of that weighted sum from the logits it already has, and
+  the backward pass only scales it: one head matmul and one exponential per
+  chunk fewer. The backward checks that the cotangents it receives are those
+  weights times one factor (to `WEIGHTS_RTOL` of the largest, over the
+  selected rows); if not, it recomputes the exact gradient as without
+  weights and warns. Values are the same either way.
+  """
+  n = where_N.shape[0]
+  wce_N, wlse_N = ((jnp.zeros((n,), jnp.float32),) * 2 if weights is None
+                   else (jnp.asarray(w, jnp.float32) for w in weights))
   return _selected_ce(h_NxD, w_DxV, b_V, target_N.astype(jnp.int32),
-                      where_N.astype(bool), chunk, jnp.dtype(dtype))
+                      where_N.astype(bool), wce_N, wlse_N, chunk,
+                      jnp.dtype(dtype), weights is not None)

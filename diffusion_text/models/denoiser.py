@@ -118,29 +118,38 @@ class Transformer(nnx.Module):
     return apply_flat(self.head, h_BxLxD).astype(jnp.float32)
 
   def target_nll(self, x: Array, t_B: Array, target_BxL: Array,
-                 where_BxL: Array) -> Array:
+                 where_BxL: Array, weights: Optional[Array] = None) -> Array:
     """-log softmax(logits)[target] [B, L] where `where`, 0 elsewhere.
 
     Equals `logsumexp(self(x, t)) - self(x, t)[target]` at the selected
     positions, but runs the head and its softmax only there, fused (see
-    `models.cross_entropy`). Processes reach it as `Denoiser.target_nll`.
+    `models.cross_entropy`). `weights` [B, L]: the weight the caller's
+    objective puts on each position, up to one factor (a speed hint, see
+    `selected_ce_and_lse`). Processes reach it as `Denoiser.target_nll`.
     """
-    return self.target_lse(x, t_B, target_BxL, where_BxL)[0]
+    return self.target_lse(
+        x, t_B, target_BxL, where_BxL,
+        weights=None if weights is None else (weights,
+                                              jnp.zeros_like(weights)))[0]
 
   def target_lse(self, x: Array, t_B: Array, target_BxL: Array,
-                 where_BxL: Array, classes: Optional[int] = None
+                 where_BxL: Array, classes: Optional[int] = None,
+                 weights: Optional[tuple[Array, Array]] = None
                  ) -> tuple[Array, Array]:
     """(-log softmax(logits)[target], logsumexp(logits)) [B, L] where
     `where`, over the first `classes` outputs (all by default); fused like
-    `target_nll`. Processes reach it as `Denoiser.target_lse`."""
+    `target_nll`; `weights`: ([B, L], [B, L]) for the two, as there.
+    Processes reach it as `Denoiser.target_lse`."""
     if self.spec.output != "logits":
       raise ValueError("target_nll / target_lse need a logits head")
     h_BxLxD = self._features(x, t_B)
     b, length, d = h_BxLxD.shape
+    flat = lambda a: jnp.broadcast_to(a, (b, length)).reshape(-1)
     ce_N, lse_N = selected_ce_and_lse(
         h_BxLxD.reshape(b * length, d), self.head.kernel[:, :classes],
         self.head.bias[:classes], target_BxL.reshape(-1),
-        where_BxL.reshape(-1), dtype=self.dtype)
+        where_BxL.reshape(-1), dtype=self.dtype,
+        weights=None if weights is None else tuple(map(flat, weights)))
     return ce_N.reshape(b, length), lse_N.reshape(b, length)
 
   def map_logits(self, x: Array, t_B: Array, fn, rows,

@@ -81,7 +81,7 @@ class Autoregressive(Process):
     nll_BxL = base.target_nll(
         denoiser, self.corrupt(None, tokens, None),
         jnp.zeros((tokens.shape[0],), jnp.float32),
-        tokens.astype(jnp.int32), real_BxL)
+        tokens.astype(jnp.int32), real_BxL, weights=jnp.ones(real_BxL.shape))
     return make_bound({"nll": masked_sum(nll_BxL, real_BxL)})
 
   def loss(self, key: Array, denoiser: Denoiser, tokens: Array,

@@ -58,28 +58,41 @@ def masked_sum(x_BxL: Array, mask_BxL: Array) -> Array:
 
 
 def target_nll(denoiser: Denoiser, x_t: Array, t_B: Array,
-               target_BxL: Array, where_BxL: Array) -> Array:
+               target_BxL: Array, where_BxL: Array,
+               weights: Optional[Array] = None) -> Array:
   """-log p(target | x_t) [B, L] per position, needed only where `where`.
 
   A backbone that offers `Denoiser.target_nll` evaluates its head and
   softmax only at the selected positions, fused (DESIGN.md section 8); any
   other denoiser falls back to logsumexp minus the target logit over all
   positions (no [B, L, V] log-probabilities either way). Values off `where`
-  are arbitrary.
+  are arbitrary. `weights` [B, L] (optional, a speed hint): the weight the
+  caller's loss gives each position's value, up to one common factor; the
+  fused head then forms its gradient in the forward pass (exact whatever is
+  passed: a wrong hint costs a recomputation and a warning, never accuracy).
   """
   if denoiser.target_nll is not None:
-    return denoiser.target_nll(x_t, t_B, target_BxL, where_BxL)
+    if weights is None:
+      return denoiser.target_nll(x_t, t_B, target_BxL, where_BxL)
+    return denoiser.target_nll(x_t, t_B, target_BxL, where_BxL,
+                               weights=weights)
   return cross_entropy(denoiser.predict(x_t, t_B), target_BxL)
 
 
 def target_lse(denoiser: Denoiser, x_t: Array, t_B: Array,
                target_BxL: Array, where_BxL: Array,
-               classes: Optional[int] = None) -> tuple[Array, Array]:
+               classes: Optional[int] = None,
+               weights: Optional[tuple[Array, Array]] = None
+               ) -> tuple[Array, Array]:
   """(-log p(target | x_t), logsumexp of the logits) [B, L] over the first
   `classes` outputs, needed only where `where` (fused when the backbone
-  offers `Denoiser.target_lse`; values off `where` are arbitrary)."""
+  offers `Denoiser.target_lse`; values off `where` are arbitrary).
+  `weights`: the two's loss weights, as for `target_nll`."""
   if denoiser.target_lse is not None:
-    return denoiser.target_lse(x_t, t_B, target_BxL, where_BxL, classes)
+    if weights is None:
+      return denoiser.target_lse(x_t, t_B, target_BxL, where_BxL, classes)
+    return denoiser.target_lse(x_t, t_B, target_BxL, where_BxL, classes,
+                               weights=weights)
   logits_BxLxV = denoiser.predict(x_t, t_B)[..., :classes]
   return (cross_entropy(logits_BxLxV, target_BxL),
           jax.nn.logsumexp(logits_BxLxV.astype(jnp.float32), axis=-1))

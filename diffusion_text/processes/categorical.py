@@ -101,9 +101,11 @@ class D3PM(Process):
     """Where the auxiliary CE(x0 | x_t) is taken (bool [B, L])."""
     raise NotImplementedError
 
-  def _position_terms(self, denoiser, x_t, t_B, x0, a_s, a_t):
+  def _position_terms(self, denoiser, x_t, t_B, x0, a_s, a_t, weights):
     """(L(s, t), -log p~(x0 | x_t)) per position [B, L], the latter needed
-    only at `_ce_positions`; each family computes them where they live."""
+    only at `_ce_positions`; each family computes them where they live.
+    `weights`: the weight `loss` gives each of the two per position [B, L],
+    up to one factor (a speed hint for the fused head, base.target_nll)."""
     raise NotImplementedError
 
   def _prior_kl(self, a_T: Array) -> Array:
@@ -187,7 +189,10 @@ class D3PM(Process):
     s_B = (i_B - 1) / self.num_steps
     x_t = self.corrupt(noise_key, x0, t_B)
     a_s, a_t = self.alpha_bar(s_B[:, None]), self.alpha_bar(t_B[:, None])
-    step_BxL, nll_BxL = self._position_terms(denoiser, x_t, t_B, x0, a_s, a_t)
+    real = mask.astype(jnp.float32)
+    weights = (self.num_steps * real, self.hybrid_lambda * real)
+    step_BxL, nll_BxL = self._position_terms(denoiser, x_t, t_B, x0, a_s,
+                                             a_t, weights)
     step_B = self.num_steps * masked_sum(step_BxL, mask)
     prior_B = masked_sum(
         jnp.broadcast_to(self._prior_kl(self.alpha_bar(1.0)), mask.shape), mask)
@@ -277,7 +282,8 @@ class D3PMUniform(D3PM):
   def _ce_positions(self, x_t):
     return jnp.ones(x_t.shape, bool)
 
-  def _position_terms(self, denoiser, x_t, t_B, x0, a_s, a_t):
+  def _position_terms(self, denoiser, x_t, t_B, x0, a_s, a_t, weights):
+    del weights
     # Every position needs O(V) sums of its logits: a chunk of positions at
     # a time (base.map_logits), never [B, L, V] log-probabilities.
     def terms(logits_NxV, rows):
@@ -349,16 +355,22 @@ class D3PMAbsorbing(D3PM):
     nll = lse_BxL - _take(logits_BxLxV, x0)  # cross_entropy, lse reused
     return self._masked_step(nll, x_t, a_s, a_t)
 
+  @staticmethod
+  def _kl_weight(a_s, a_t):
+    return (a_s - a_t) / jnp.maximum(1.0 - a_t, _TINY)
+
   def _masked_step(self, nll, x_t, a_s, a_t):
-    weight = (a_s - a_t) / jnp.maximum(1.0 - a_t, _TINY)
-    return jnp.where(x_t == self.mask_id, weight * nll, 0.0)
+    return jnp.where(x_t == self.mask_id, self._kl_weight(a_s, a_t) * nll, 0.0)
 
   def _ce_positions(self, x_t):
     return x_t == self.mask_id
 
-  def _position_terms(self, denoiser, x_t, t_B, x0, a_s, a_t):
-    # Both terms live at [MASK] only: the head and softmax run there alone.
-    nll = target_nll(denoiser, x_t, t_B, x0, x_t == self.mask_id)
+  def _position_terms(self, denoiser, x_t, t_B, x0, a_s, a_t, weights):
+    # Both terms live at [MASK] only: the head and softmax run there alone,
+    # each position's CE weighted step_weight * kl_weight + ce_weight.
+    step_w, ce_w = weights
+    nll = target_nll(denoiser, x_t, t_B, x0, x_t == self.mask_id,
+                     weights=step_w * self._kl_weight(a_s, a_t) + ce_w)
     return self._masked_step(nll, x_t, a_s, a_t), nll
 
   def _prior_kl(self, a_T):

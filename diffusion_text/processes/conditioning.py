@@ -57,7 +57,8 @@ def clean_input_denoiser(denoiser, clean: Array, cond_BxL: Array):
   fused = denoiser.target_nll
   clean_fused = None
   if fused is not None:
-    def clean_fused(x_t, t, target, where):
-      return fused(with_clean(x_t, clean, cond_BxL), t, target, where)
+    def clean_fused(x_t, t, target, where, **kwargs):
+      return fused(with_clean(x_t, clean, cond_BxL), t, target, where,
+                   **kwargs)
   return dataclasses.replace(denoiser, predict=clean_predict,
                              target_nll=clean_fused)

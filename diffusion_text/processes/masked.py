@@ -135,13 +135,14 @@ class MaskedProcess(transitions.AbsorbingStates, base.Process):
     x_t = self.corrupt(noise_key, x0_BxL, t_B)
     real_BxL = mask.astype(bool)
     masked_BxL = real_BxL & (x_t == self.mask_id)
+    weight_B = self.loss_weight(t_B)
     ce_BxL = base.target_nll(denoiser, x_t, self._net_time(t_B), x0_BxL,
-                             masked_BxL)
+                             masked_BxL, weights=weight_B[:, None])
     masked_ce_B = base.masked_sum(ce_BxL, masked_BxL)
     n_B = jnp.sum(real_BxL, axis=-1).astype(jnp.float32)
     one = jnp.ones((), jnp.float32)
     return base.make_bound({
-        "diffusion": (1.0 - self.t_min) * self.loss_weight(t_B) * masked_ce_B,
+        "diffusion": (1.0 - self.t_min) * weight_B * masked_ce_B,
         "prior": n_B * self.transition.base_prior_kl(self.alpha(one)),
         "reconstruction": n_B * self.mask_prob(self.t_min * one) * math.log(
             self.vocab_size),
