@@ -371,10 +371,10 @@ def test_selected_ce_and_lse_gradient_of_both_outputs():
 
 def _count_recomputes(monkeypatch):
   """Counts the fused head's fallback recomputations (each warns once)."""
-  from diffusion_text.models import cross_entropy
+  from diffusion_text.models import folded
   calls = []
-  monkeypatch.setattr(cross_entropy, "_warn_recomputed",
-                      lambda: calls.append(1))
+  monkeypatch.setattr(folded, "warn_recomputed",
+                      lambda *args: calls.append(args))
   return calls
 
 
@@ -425,11 +425,13 @@ def test_selected_ce_weights_fold_the_gradient_into_the_forward(monkeypatch):
                  out[1], ref[1])
 
 
-@pytest.mark.parametrize("process", ["masked", "ar", "d3pm_absorbing"])
+@pytest.mark.parametrize("process", ["masked", "ar", "d3pm_absorbing",
+                                     "d3pm_uniform", "sedd_uniform"])
 def test_process_losses_take_the_folded_gradient(process, monkeypatch):
-  """The loss weights masked, ar and d3pm_absorbing pass to the fused head
-  are the ones their objectives apply: differentiating the loss never
-  falls back to the recomputing backward (padding included)."""
+  """The loss weights these processes pass to the fused head
+  (`target_nll`) or the chunked head (`map_logits`) are the ones their
+  objectives apply: differentiating the loss never falls back to the
+  recomputing backward (padding included)."""
   from diffusion_text.processes import make_process
   recomputes = _count_recomputes(monkeypatch)
   proc = make_process(process, vocab_size=V)
@@ -446,3 +448,54 @@ def test_process_losses_take_the_folded_gradient(process, monkeypatch):
   jax.block_until_ready(jax.jit(jax.grad(loss))(params))
   jax.effects_barrier()
   assert recomputes == []
+
+
+def test_map_logits_weights_fold_the_gradient(monkeypatch):
+  """`map_logits(..., weights=...)`: with the objective's own weights the
+  gradient formed in the forward pass (`models.folded`) equals the dense
+  one, for the parameters, a float row and a closed-over array, with a
+  padded last chunk; with other cotangents it recomputes exactly."""
+  from diffusion_text import contract
+  monkeypatch.setattr(contract, "ROW_CHUNK", 3)  # B * L = 16: 6 chunks
+  recomputes = _count_recomputes(monkeypatch)
+  spec = spec_for("tokens", "logits")
+  model = perturb(build_model(spec, CFG, seed=0))
+  graphdef, params = nnx.split(model)
+  x, t_B = inputs(spec), jnp.full((B,), 0.3)
+  target = jax.random.randint(jax.random.key(3), (B, L), 0, V)
+  shift = jax.random.normal(jax.random.key(4), (B, L))
+  scale_V = jax.random.normal(jax.random.key(5), (V,))
+  w1, w2 = jax.random.uniform(jax.random.key(6), (2, B, L))
+
+  def fn_of(scale_V):
+    def fn(logits_NxV, rows):
+      target_N, shift_N = rows
+      logits_NxV = logits_NxV * scale_V
+      lse_N = jax.nn.logsumexp(logits_NxV, -1)
+      tgt_N = jnp.take_along_axis(logits_NxV, target_N[:, None], -1)[:, 0]
+      soft_N = jnp.sum(jax.nn.softplus(logits_NxV + shift_N[:, None]), -1)
+      return lse_N - tgt_N, soft_N
+    return fn
+
+  def run(weights, objective):
+    def total(params, shift, scale_V):
+      a, b = nnx.merge(graphdef, params).map_logits(
+          x, t_B, fn_of(scale_V), (target, shift), weights=weights)
+      return objective(a, b)
+    out = jax.jit(jax.value_and_grad(total, (0, 1, 2)))(params, shift, scale_V)
+    jax.effects_barrier()
+    return out
+
+  linear = lambda a, b: 0.7 * jnp.sum(w1 * a + w2 * b)
+  nonlinear = lambda a, b: jnp.sum(jnp.sin(a) + w2 * b)
+  for objective, weights, recomputed in [(linear, (2 * w1, 2 * w2), 0),
+                                         (nonlinear, (w1, w2), 1)]:
+    del recomputes[:]
+    ref = run(None, objective)
+    out = run(weights, objective)
+    assert len(recomputes) == recomputed
+    np.testing.assert_allclose(out[0], ref[0], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                         atol=1e-5),
+                 out[1], ref[1])
+    assert np.abs(np.asarray(out[1][2])).max() > 0  # the closure's gradient

@@ -18,11 +18,12 @@ one-hots or [N, V] temporaries exist at any point.
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+
+from diffusion_text.models import folded
 
 Array = jax.Array
 
@@ -66,11 +67,6 @@ def _forward(h_NxD, w_DxV, b_V, target_N, where_N, chunk, dtype):
   zeros_N = jnp.zeros(where_N.shape, jnp.float32)
   ce_N, lse_N = jax.lax.fori_loop(0, n_chunks, body, (zeros_N, zeros_N))
   return ce_N, (rows_P, count, n_chunks, lse_N)
-
-
-# The fused backward's test: the cotangents it receives must equal the
-# forward's weights times one common factor, to this relative tolerance.
-WEIGHTS_RTOL = 1e-5
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
@@ -142,28 +138,6 @@ def _selected_ce_fwd(h_NxD, w_DxV, b_V, target_N, where_N, wce_N, wlse_N,
                          rows_P, count, n_chunks, lse_N, grads)
 
 
-def _weights_factor(g_N, g_lse_N, wce_N, wlse_N, where_N):
-  """(c, ok): the least-squares c with (g, g_lse) ~ c (wce, wlse) over the
-  selected rows, and whether it fits to WEIGHTS_RTOL."""
-  sel = lambda a: jnp.where(where_N, a, 0.0)
-  g_N, g_lse_N, wce_N, wlse_N = map(sel, (g_N, g_lse_N, wce_N, wlse_N))
-  norm = jnp.sum(wce_N * wce_N) + jnp.sum(wlse_N * wlse_N)
-  c = (jnp.sum(g_N * wce_N) + jnp.sum(g_lse_N * wlse_N)) / jnp.where(
-      norm > 0, norm, 1.0)
-  err = jnp.maximum(jnp.max(jnp.abs(g_N - c * wce_N)),
-                    jnp.max(jnp.abs(g_lse_N - c * wlse_N)))
-  scale = jnp.maximum(jnp.max(jnp.abs(g_N)), jnp.max(jnp.abs(g_lse_N)))
-  return c, err <= WEIGHTS_RTOL * scale
-
-
-def _warn_recomputed():
-  warnings.warn("selected_cross_entropy: the cotangents did not match the "
-                "given `weights` (up to one factor), so the head's gradient "
-                "was recomputed in the backward pass (exact, but one head "
-                "matmul slower per chunk); pass the weights the objective "
-                "really applies, or none.", stacklevel=2)
-
-
 def _selected_ce_bwd(chunk, dtype, weighted, res, g):
   (h_NxD, w_DxV, b_V, target_N, where_N, wce_N, wlse_N, rows_P, count,
    n_chunks, lse_N, grads) = res
@@ -172,10 +146,13 @@ def _selected_ce_bwd(chunk, dtype, weighted, res, g):
       _recomputed_grads, h_NxD, w_DxV, b_V, target_N, rows_P, count,
       n_chunks, lse_N, chunk, dtype)
   if weighted:
-    c, ok = _weights_factor(g_N, g_lse_N, wce_N, wlse_N, where_N)
+    sel = lambda a: jnp.where(where_N, a, 0.0)  # only selected rows count
+    c, ok = folded.weights_factor((sel(g_N), sel(g_lse_N)),
+                                  (sel(wce_N), sel(wlse_N)))
 
     def slow(g_N, g_lse_N):
-      jax.debug.callback(_warn_recomputed)
+      jax.debug.callback(
+          lambda: folded.warn_recomputed("selected_cross_entropy"))
       return recompute(g_N, g_lse_N)
 
     dh_NxD, dw_DxV, db_V = jax.lax.cond(
@@ -259,7 +236,7 @@ def selected_ce_and_lse(h_NxD: Array, w_DxV: Array, b_V: Array,
   forms the gradient of that weighted sum from the logits it already has, and
   the backward pass only scales it: one head matmul and one exponential per
   chunk fewer. The backward checks that the cotangents it receives are those
-  weights times one factor (to `WEIGHTS_RTOL` of the largest, over the
+  weights times one factor (to `folded.WEIGHTS_RTOL` of the largest, over the
   selected rows); if not, it recomputes the exact gradient as without
   weights and warns. Values are the same either way.
   """

@@ -20,6 +20,7 @@ plain parameter pytree for `jax.jit`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import jax
@@ -31,6 +32,7 @@ from diffusion_text.models.conditioning import MonotoneGamma, TimeEmbedding
 from diffusion_text.models.cross_entropy import (chunk_logits,
                                                  selected_ce_and_lse,
                                                  selected_cross_entropy)
+from diffusion_text.models.folded import map_rows_folded
 from diffusion_text.models.layers import (MLP, Attention, apply_flat,
                                           dense_init, layer_norm, modulate)
 from diffusion_text.contract import ModelSpec, map_rows
@@ -153,26 +155,34 @@ class Transformer(nnx.Module):
     return ce_N.reshape(b, length), lse_N.reshape(b, length)
 
   def map_logits(self, x: Array, t_B: Array, fn, rows,
-                 self_cond: Optional[Array] = None):
+                 self_cond: Optional[Array] = None, weights=None):
     """fn(logits [C, V], rows of C positions) over chunks of positions.
 
     Equals `fn(self(x, t_B, self_cond).reshape(B * L, V), rows flattened)`
     reshaped to [B, L, ...], but the head runs a chunk of positions at a
     time inside `contract.map_rows`, so neither pass holds [B, L, V] logits.
-    Processes reach it as `Denoiser.map_logits`.
+    `weights` (optional; a pytree like fn's output of [B, L, ...] arrays):
+    the weight the caller's loss gives each output, up to one factor; the
+    gradient is then formed in the forward pass (`models.folded`), saving
+    each chunk's recomputation. Processes reach it as `Denoiser.map_logits`.
     """
     if self.spec.output != "logits":
       raise ValueError("map_logits needs a logits head")
     h_BxLxD = self._features(x, t_B, self_cond)
     b, length, d = h_BxLxD.shape
     kernel_DxV, bias_V = self.head.kernel[...], self.head.bias[...]
+    flat = lambda a: a.reshape(b * length, *a.shape[2:])
+    rows_N = (h_BxLxD.reshape(b * length, d), jax.tree.map(flat, rows))
 
-    def chunk(args):
+    def chunk(head, args):
       h_CxD, rows_C = args
-      return fn(chunk_logits(h_CxD, kernel_DxV, bias_V, self.dtype), rows_C)
+      return fn(chunk_logits(h_CxD, *head, self.dtype), rows_C)
 
-    flat = jax.tree.map(lambda a: a.reshape(b * length, *a.shape[2:]), rows)
-    out = map_rows(chunk, (h_BxLxD.reshape(b * length, d), flat))
+    if weights is None:
+      out = map_rows(functools.partial(chunk, (kernel_DxV, bias_V)), rows_N)
+    else:
+      out = map_rows_folded(chunk, (kernel_DxV, bias_V), rows_N,
+                            jax.tree.map(flat, weights))
     return jax.tree.map(lambda a: a.reshape(b, length, *a.shape[1:]), out)
 
   def _features(self, x: Array, t_B: Array,

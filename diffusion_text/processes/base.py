@@ -99,16 +99,20 @@ def target_lse(denoiser: Denoiser, x_t: Array, t_B: Array,
 
 
 def map_logits(denoiser: Denoiser, x_t: Array, t_B: Array, fn, rows,
-               **predict_kwargs):
+               weights=None, **predict_kwargs):
   """fn(logits [N, V], rows [N, ...]) per position, as pytrees of [B, L, ...].
 
   For losses that need vocabulary-sized sums at every position (uniform
   D3PM and SEDD, Gaussian x0-hat): a backbone that offers
   `Denoiser.map_logits` runs its head and `fn` a chunk of positions at a
   time (no [B, L, V] array in either pass); otherwise `fn` sees the dense
-  logits of `predict`. `fn` must act row by row.
+  logits of `predict`. `fn` must act row by row. `weights` (optional, a
+  speed hint like `target_nll`'s): a pytree like fn's output of [B, L, ...]
+  arrays, the weight the caller's loss gives each output, up to one factor.
   """
   if denoiser.map_logits is not None:
+    if weights is not None:
+      predict_kwargs["weights"] = weights
     return denoiser.map_logits(x_t, t_B, fn, rows, **predict_kwargs)
   logits_BxLxV = denoiser.predict(x_t, t_B, **predict_kwargs)
   b, length, vocab = logits_BxLxV.shape

@@ -283,7 +283,6 @@ class D3PMUniform(D3PM):
     return jnp.ones(x_t.shape, bool)
 
   def _position_terms(self, denoiser, x_t, t_B, x0, a_s, a_t, weights):
-    del weights
     # Every position needs O(V) sums of its logits: a chunk of positions at
     # a time (base.map_logits), never [B, L, V] log-probabilities.
     def terms(logits_NxV, rows):
@@ -294,7 +293,7 @@ class D3PMUniform(D3PM):
 
     rows = (x_t, x0, jnp.broadcast_to(a_s, x_t.shape),
             jnp.broadcast_to(a_t, x_t.shape))
-    return map_logits(denoiser, x_t, t_B, terms, rows)
+    return map_logits(denoiser, x_t, t_B, terms, rows, weights=weights)
 
   def _prior_kl(self, a_T):
     v = self.vocab_size

@@ -204,12 +204,17 @@ class _SEDD(base.Process):
     time_key, noise_key = jax.random.split(key)
     t_B, recon_B = self._times(time_key, tokens.shape[0])
     x_t = self.corrupt(noise_key, tokens, t_B)
-    dwdse_BxL, log_dec_BxL = self._position_terms(denoiser, x_t, tokens, t_B)
     real = mask.astype(bool)
+    weight = (1.0 - self.t_min) / (1.0 - self.recon_prob)
+    real_BxL = real.astype(jnp.float32)
+    weights = (jnp.where(recon_B, 0.0, weight)[:, None] * real_BxL,
+               jnp.where(recon_B, -1.0 / self.recon_prob, 0.0)[:, None]
+               * real_BxL)
+    dwdse_BxL, log_dec_BxL = self._position_terms(denoiser, x_t, tokens, t_B,
+                                                  weights)
     dwdse_B = base.masked_sum(dwdse_BxL, real)
     nll_dec_B = -base.masked_sum(log_dec_BxL, real)
     n_B = jnp.sum(real, axis=-1).astype(jnp.float32)
-    weight = (1.0 - self.t_min) / (1.0 - self.recon_prob)
     return base.make_bound({
         "diffusion": jnp.where(recon_B, 0.0, weight * dwdse_B),
         "reconstruction": jnp.where(recon_B, nll_dec_B / self.recon_prob, 0.0),
@@ -217,10 +222,11 @@ class _SEDD(base.Process):
     })
 
   def _position_terms(self, denoiser: base.Denoiser, x_t: Array, x0: Array,
-                      t_B: Array) -> tuple[Array, Array]:
+                      t_B: Array, weights) -> tuple[Array, Array]:
     """(dwdse, log p_dec(x0 | x_t)) per position [B, L] from the network's
     raw output a chunk of positions at a time (base.map_logits): both are
-    O(K) sums per position, and no [B, L, K] score is ever held."""
+    O(K) sums per position, and no [B, L, K] score is ever held. `weights`:
+    the two's weights in the loss, up to one factor (a speed hint)."""
     def terms(raw_NxK, rows):
       x_t_N, x0_N, t_N = rows
       score_NxK = self.score_from_raw(raw_NxK, x_t_N, t_N)
@@ -229,7 +235,7 @@ class _SEDD(base.Process):
 
     t_BxL = jnp.broadcast_to(t_B[:, None], x_t.shape)
     return base.map_logits(denoiser, x_t, self.network_time(t_B), terms,
-                           (x_t, x0, t_BxL))
+                           (x_t, x0, t_BxL), weights=weights)
 
   def log_score(self, denoiser: base.Denoiser, x_t: Array,
                 t_B: Array) -> Array:
@@ -317,10 +323,12 @@ class SEDDAbsorb(transitions.AbsorbingStates, _SEDD):
                      _expand(weight, x_t.ndim) * se_BxL, 0.0)
 
   def _position_terms(self, denoiser: base.Denoiser, x_t: Array, x0: Array,
-                      t_B: Array) -> tuple[Array, Array]:
+                      t_B: Array, weights) -> tuple[Array, Array]:
     """Both terms live at [MASK] only and need two numbers there, the
     score's logsumexp and its value at x0: the fused head at masked
-    positions (base.target_lse) over the V data columns gives both."""
+    positions (base.target_lse) over the V data columns gives both (the
+    score entropy is not linear in them, so `weights` cannot be passed on)."""
+    del weights
     at_mask = x_t == self.mask_id
     ce_BxL, lse_raw_BxL = base.target_lse(
         denoiser, x_t, self.network_time(t_B), x0, at_mask, self.vocab_size)
