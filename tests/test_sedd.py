@@ -161,8 +161,9 @@ def test_uniform_score_entropy_matches_float64_near_the_true_score():
   """sedd_uniform's dwdse (one exponential per entry, expm1 at the r = 1/rho
   entry) against the definition (1/K) sum_{y != x} r_y h(log s_y - log r_y),
   h(d) = expm1(d) - d, in float64: at t near 0 (r = 1/rho up to ~1e7) and
-  near the true ratios, where the terms are tiny, the error stays below
-  1e-6 nats."""
+  near the true ratios, where the terms are tiny, it stays within 1e-6 nats
+  + 0.1% (the float32 rounding of the score itself; one exponential at the
+  1/rho entry too would be off by ~1e-3 nats)."""
   k = 1000
   p = make_process("sedd_uniform", vocab_size=k)
   keys = jax.random.split(jax.random.key(5), 3)
