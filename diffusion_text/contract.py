@@ -31,17 +31,25 @@ class Denoiser:
       -log softmax(round_logits(x))[target] (no [B, L, V] array).
   gamma(t [B]) -> [B]: a learned noise schedule gamma(t) = -log SNR(t),
       monotone increasing in t (only with `ModelSpec.learned_schedule`).
-  target_nll(x_t, t [B], target [B, L], where [B, L]) -> [B, L]: optional
-      fused -log softmax(predict(x_t, t))[target] evaluated only where
-      `where` holds (values elsewhere arbitrary); see `target_nll` below.
-  target_lse(x_t, t [B], target, where, classes=None) -> ([B, L], [B, L]):
-      optional; `target_nll` and logsumexp(logits) together, over the first
-      `classes` outputs, fused at the selected positions.
-  map_logits(x_t, t [B], fn, rows, self_cond=None) -> pytree of [B, L, ...]:
-      optional; fn(logits [C, V], rows of C positions) -> per-position
-      values, applied to the logits of `predict` a chunk of positions at a
-      time (`rows`: a pytree of [B, L, ...] arrays split the same way), so
-      no [B, L, V] array exists in either pass; see `map_rows` below.
+  target_nll(x_t, t [B], target [B, L], where [B, L], weights=None)
+      -> [B, L]: optional fused -log softmax(predict(x_t, t))[target]
+      evaluated only where `where` holds (values elsewhere arbitrary).
+  target_lse(x_t, t [B], target, where, classes=None, weights=None)
+      -> ([B, L], [B, L]): optional; `target_nll` and logsumexp(logits)
+      together, over the first `classes` outputs, fused at the selected
+      positions.
+  map_logits(x_t, t [B], fn, rows, self_cond=None, weights=None)
+      -> pytree of [B, L, ...]: optional; fn(logits [C, V], rows of C
+      positions) -> per-position values, applied to the logits of `predict`
+      a chunk of positions at a time (`rows`: a pytree of [B, L, ...] arrays
+      split the same way), so no [B, L, V] array exists in either pass; see
+      `map_rows` below.
+  `weights` (target_nll, target_lse, map_logits): the weight the caller's
+  loss gives each output per position, up to one common factor (a pytree
+  like the output).
+  With it the gradient is formed in the forward pass from the logits already
+  computed (`models.folded`); the backward pass checks the cotangents it
+  gets against it and recomputes exactly, with a warning, if they differ.
   """
 
   predict: Callable[..., Array]
