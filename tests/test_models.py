@@ -426,7 +426,8 @@ def test_selected_ce_weights_fold_the_gradient_into_the_forward(monkeypatch):
 
 
 @pytest.mark.parametrize("process", ["masked", "ar", "d3pm_absorbing",
-                                     "d3pm_uniform", "sedd_uniform"])
+                                     "d3pm_uniform", "sedd_uniform",
+                                     "gaussian_vlb"])
 def test_process_losses_take_the_folded_gradient(process, monkeypatch):
   """The loss weights these processes pass to the fused head
   (`target_nll`) or the chunked head (`map_logits`) are the ones their

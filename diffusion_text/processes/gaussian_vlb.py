@@ -187,27 +187,35 @@ class GaussianVLBProcess(Process):
     return jnp.einsum("...v,vd->...d", jax.nn.softmax(logits_BxLxV, -1), e_VxD)
 
   def _net_x0hat(self, denoiser: Denoiser, z_BxLxD: Array, t_B: Array,
-                 gamma_B: Array, e_VxD: Array,
-                 self_cond: Optional[Array]) -> Array:
+                 gamma_B: Array, e_VxD: Array, self_cond: Optional[Array],
+                 target: Optional[Array] = None, weights=None) -> Array:
     """`_x0hat(_logits(...))` a chunk of positions at a time
-    (base.map_logits): no [B, L, V] logits or softmax in either pass."""
+    (base.map_logits): no [B, L, V] logits or softmax in either pass. With
+    `target` [B, L, D]: ||target - x0hat||^2 per position [B, L] instead,
+    and `weights` [B, L], its loss weights (the chunked head then forms
+    its gradient in the forward pass; base.map_logits)."""
     def x0hat(logits_NxV, rows):
-      z_NxD, gamma_N = rows
-      return self._x0hat(self._add_base(logits_NxV, z_NxD, gamma_N, e_VxD),
-                         e_VxD)
+      z_NxD, gamma_N = rows[:2]
+      x0hat_NxD = self._x0hat(self._add_base(logits_NxV, z_NxD, gamma_N,
+                                             e_VxD), e_VxD)
+      if target is None:
+        return x0hat_NxD
+      return jnp.sum((rows[2] - x0hat_NxD) ** 2, -1)
 
     kwargs = {"self_cond": self_cond} if self.self_conditioning else {}
     gamma_BxL = jnp.broadcast_to(gamma_B[:, None], z_BxLxD.shape[:2])
-    return map_logits(denoiser, z_BxLxD, t_B, x0hat, (z_BxLxD, gamma_BxL),
+    rows = (z_BxLxD, gamma_BxL) + (() if target is None else (target,))
+    return map_logits(denoiser, z_BxLxD, t_B, x0hat, rows, weights=weights,
                       **kwargs)
 
-  def predict_x0(self, denoiser: Denoiser, z_BxLxD: Array, t_B: Array,
+  def _self_cond(self, denoiser: Denoiser, z_BxLxD: Array, t_B: Array,
                  gamma_B: Array, e_VxD: Array,
-                 self_cond_key: Optional[Array] = None) -> Array:
-    """x0-hat(z_t). With self-conditioning: the two-pass prediction, or with
-    `self_cond_key` (training) the second pass only on a coin flip."""
+                 self_cond_key: Optional[Array] = None) -> Optional[Array]:
+    """The self-conditioning input of the prediction at z_t: the first
+    pass's x0-hat (no gradient), or with `self_cond_key` (training) that on
+    a coin flip and zeros otherwise; None without self-conditioning."""
     if not self.self_conditioning:
-      return self._net_x0hat(denoiser, z_BxLxD, t_B, gamma_B, e_VxD, None)
+      return None
     zeros = jnp.zeros_like(z_BxLxD)
 
     def first_pass():
@@ -215,12 +223,18 @@ class GaussianVLBProcess(Process):
           denoiser, z_BxLxD, t_B, gamma_B, e_VxD, zeros))
 
     if self_cond_key is None:
-      cond_BxLxD = first_pass()
-    else:
-      use = jax.random.bernoulli(self_cond_key, self.self_cond_rate)
-      cond_BxLxD = jax.lax.cond(use, first_pass, lambda: zeros)
+      return first_pass()
+    use = jax.random.bernoulli(self_cond_key, self.self_cond_rate)
+    return jax.lax.cond(use, first_pass, lambda: zeros)
+
+  def predict_x0(self, denoiser: Denoiser, z_BxLxD: Array, t_B: Array,
+                 gamma_B: Array, e_VxD: Array,
+                 self_cond_key: Optional[Array] = None) -> Array:
+    """x0-hat(z_t). With self-conditioning: the two-pass prediction, or with
+    `self_cond_key` (training) the second pass only on a coin flip."""
     return self._net_x0hat(denoiser, z_BxLxD, t_B, gamma_B, e_VxD,
-                           cond_BxLxD)
+                           self._self_cond(denoiser, z_BxLxD, t_B, gamma_B,
+                                           e_VxD, self_cond_key))
 
   def decoder_logits(self, z0_BxLxD: Array, e_VxD: Array,
                      gamma0: Array) -> Array:
@@ -277,10 +291,13 @@ class GaussianVLBProcess(Process):
     t_B = self.sample_time(t_key, batch)
     gamma_B, dgamma_B = self.gamma_and_slope(t_B, denoiser)
     z_BxLxD = self._diffuse(z_key, x_BxLxD, gamma_B)
-    x0hat_BxLxD = self.predict_x0(denoiser, z_BxLxD, t_B, gamma_B, e_VxD,
-                                  sc_key if train else None)
-    sq_BxL = jnp.sum((x_BxLxD - x0hat_BxLxD) ** 2, -1)
     weight_B = 0.5 * dgamma_B * jnp.exp(-gamma_B)
+    # ||x - x0-hat(z_t)||^2 per position, inside the chunked head.
+    self_cond = self._self_cond(denoiser, z_BxLxD, t_B, gamma_B, e_VxD,
+                                sc_key if train else None)
+    sq_BxL = self._net_x0hat(denoiser, z_BxLxD, t_B, gamma_B, e_VxD,
+                             self_cond, target=x_BxLxD,
+                             weights=weight_B[:, None] * mask)
     return {
         "prior": masked_sum(kl_BxL, mask),
         "diffusion": weight_B * masked_sum(sq_BxL, mask),
