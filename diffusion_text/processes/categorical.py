@@ -52,6 +52,14 @@ def _expand(t: Array, x: Array) -> Array:
   return t.reshape(t.shape + (1,) * (x.ndim - t.ndim))
 
 
+def _lse_and_probs(logits_BxLxV: Array) -> tuple[Array, Array]:
+  """(logsumexp, softmax) over the last axis from one exponential per entry."""
+  max_BxL = jax.lax.stop_gradient(jnp.max(logits_BxLxV, axis=-1))
+  exp_BxLxV = jnp.exp(logits_BxLxV - max_BxL[..., None])
+  sum_BxL = jnp.sum(exp_BxLxV, axis=-1)
+  return max_BxL + jnp.log(sum_BxL), exp_BxLxV / sum_BxL[..., None]
+
+
 def _take(v_BxLxV: Array, ids_BxL: Array) -> Array:
   return jnp.take_along_axis(v_BxLxV, ids_BxL[..., None], axis=-1)[..., 0]
 
@@ -92,9 +100,10 @@ class D3PM(Process):
   def transition(self) -> transitions.Transition:
     raise NotImplementedError
 
-  def _step_term(self, logits_BxLxV, lse_BxL, x_t, x0, a_s, a_t) -> Array:
+  def _step_term(self, logits_BxLxV, lse_BxL, probs_BxLxV, x_t, x0, a_s,
+                 a_t) -> Array:
     """KL(q(x_s | x_t, x0) || p(x_s | x_t)) per position [B, L]; at s = 0
-    (a_s = 1) this is -log p(x0 | x_t)."""
+    (a_s = 1) this is -log p(x0 | x_t). lse, probs: `_lse_and_probs`."""
     raise NotImplementedError
 
   def _ce_positions(self, x_t: Array) -> Array:
@@ -163,9 +172,8 @@ class D3PM(Process):
     """Per-position L(s, t) = KL(q(x_s|x_t,x0) || p(x_s|x_t)) [B, L] in nats
     (-log p(x0 | x_t) at s = 0), in O(V) per position."""
     logits_BxLxV = logits_BxLxV.astype(jnp.float32)
-    lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-    return self._step_term(logits_BxLxV, lse_BxL, x_t, x0,
-                           self.alpha_bar(_expand(s, x_t)),
+    return self._step_term(logits_BxLxV, *_lse_and_probs(logits_BxLxV), x_t,
+                           x0, self.alpha_bar(_expand(s, x_t)),
                            self.alpha_bar(_expand(t, x_t)))
 
   # ---- training ----------------------------------------------------------
@@ -249,12 +257,15 @@ class D3PMUniform(D3PM):
   def transition(self) -> transitions.Uniform:
     return transitions.Uniform(self.vocab_size)
 
-  def _step_term(self, logits_BxLxV, lse_BxL, x_t, x0, a_s, a_t):
+  def _step_term(self, logits_BxLxV, lse_BxL, probs_BxLxV, x_t, x0, a_s,
+                 a_t):
     # q(x_s = j | x_t = k, x0) ∝ (c1 + r [j=k]) (c2 + a_s [j=x0]) and
     # p(x_s = j | x_t = k) ∝ (c1 + r [j=k]) M_j, M_j = a_s p~_j + c2, so
     # log(q_j / p_j) = log(Zp / Zq) - log(M_j / c2) + [j=x0] log(1 + a_s/c2):
     # one O(V) reduction, sum_j q_j softplus(log(a_s p~_j / c2)), no V-sized
-    # log-probabilities kept.
+    # log-probabilities kept; softplus(log(a_s p~_j / c2)) is computed as
+    # log1p(a_s p~_j / c2) from the softmax the logsumexp's exponentials
+    # give (one transcendental per entry instead of two).
     v = self.vocab_size
     r = self._keep_ratio(a_s, a_t)
     c1 = jnp.maximum((1.0 - r) / v, _TINY)
@@ -263,8 +274,8 @@ class D3PMUniform(D3PM):
     logp_k = _take(logits_BxLxV, x_t) - lse_BxL
     logp_x = _take(logits_BxLxV, x0) - lse_BxL
     log_ratio = jnp.log(jnp.maximum(a_s, _TINY)) - jnp.log(c2)
-    sp_sum = jnp.sum(jax.nn.softplus(
-        (log_ratio - lse_BxL)[..., None] + logits_BxLxV), axis=-1)
+    ratio = jnp.maximum(a_s, _TINY) / c2
+    sp_sum = jnp.sum(jnp.log1p(ratio[..., None] * probs_BxLxV), axis=-1)
     sp_k = jax.nn.softplus(log_ratio + logp_k)
     sp_x = jax.nn.softplus(log_ratio + logp_x)
     z_q = v * c1 * c2 + r * c2 + a_s * c1 + same * r * a_s
@@ -287,8 +298,9 @@ class D3PMUniform(D3PM):
     # a time (base.map_logits), never [B, L, V] log-probabilities.
     def terms(logits_NxV, rows):
       x_t_N, x0_N, a_s_N, a_t_N = rows
-      lse_N = jax.nn.logsumexp(logits_NxV, axis=-1)
-      return (self._step_term(logits_NxV, lse_N, x_t_N, x0_N, a_s_N, a_t_N),
+      lse_N, probs_NxV = _lse_and_probs(logits_NxV)
+      return (self._step_term(logits_NxV, lse_N, probs_NxV, x_t_N, x0_N,
+                              a_s_N, a_t_N),
               lse_N - _take(logits_NxV, x0_N))
 
     rows = (x_t, x0, jnp.broadcast_to(a_s, x_t.shape),
@@ -348,7 +360,9 @@ class D3PMAbsorbing(D3PM):
     t = jnp.asarray(t, jnp.float32)
     return jnp.where(t >= 1.0, 0.0, super().alpha_bar(t))
 
-  def _step_term(self, logits_BxLxV, lse_BxL, x_t, x0, a_s, a_t):
+  def _step_term(self, logits_BxLxV, lse_BxL, probs_BxLxV, x_t, x0, a_s,
+                 a_t):
+    del probs_BxLxV
     # Zero unless x_t is masked; there q(x_s = x0 | ...) = (a_s - a_t)/(1 - a_t)
     # and p puts p~ on the same mass, so KL = that weight times -log p~(x0).
     nll = lse_BxL - _take(logits_BxLxV, x0)  # cross_entropy, lse reused
