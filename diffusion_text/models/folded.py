@@ -38,7 +38,9 @@ WEIGHTS_RTOL = 1e-5
 
 def weights_factor(cotangents, weights) -> tuple[Array, Array]:
   """(c, ok): the least-squares c with cotangents ~ c * weights over all
-  leaves, and whether every entry fits to WEIGHTS_RTOL of the largest."""
+  leaves, and whether every entry fits to WEIGHTS_RTOL of the largest.
+  Non-finite cotangents (a diverged loss) count as fitting: c is then
+  non-finite and so is the gradient, as it would be recomputed."""
   gs = [jnp.asarray(g, jnp.float32) for g in jax.tree.leaves(cotangents)]
   ws = [jnp.asarray(w, jnp.float32) for w in jax.tree.leaves(weights)]
   norm = sum(jnp.sum(w * w) for w in ws)
@@ -47,7 +49,7 @@ def weights_factor(cotangents, weights) -> tuple[Array, Array]:
   err = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(g - c * w))
                                        for g, w in zip(gs, ws)])
   scale = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(g)) for g in gs])
-  return c, err <= WEIGHTS_RTOL * scale
+  return c, (err <= WEIGHTS_RTOL * scale) | ~jnp.isfinite(scale)
 
 
 def warn_recomputed(what: str = "map_rows_folded"):
