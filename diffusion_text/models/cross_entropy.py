@@ -45,6 +45,20 @@ def chunk_logits(h_CxD: Array, w_DxV: Array, b_V: Array, dtype) -> Array:
   return logits_CxV + b_V.astype(dtype)
 
 
+def _head_grads(h_CxD, w_DxV, dlogits_CxV, dw_DxV, db_V, dtype):
+  """One chunk's input gradient, and the weight and bias gradients added to
+  their running sums, from d loss / d logits (the head's backward)."""
+  dlogits_CxV = dlogits_CxV.astype(dtype)
+  dh_CxD = jax.lax.dot_general(
+      dlogits_CxV, w_DxV.astype(dtype), (((1,), (1,)), ((), ())),
+      preferred_element_type=jnp.float32)
+  dw_DxV = dw_DxV + jax.lax.dot_general(
+      h_CxD.astype(dtype), dlogits_CxV, (((0,), (0,)), ((), ())),
+      preferred_element_type=jnp.float32)
+  return dh_CxD, dw_DxV, db_V + jnp.sum(dlogits_CxV, axis=0,
+                                        dtype=jnp.float32)
+
+
 def _packed_rows(where_N: Array, chunk: int):
   """Row ids with the selected rows first (padded to whole chunks) and their
   count; rows past the count are fillers whose results are discarded."""
@@ -113,14 +127,9 @@ def _weighted_forward(h_NxD, w_DxV, b_V, target_N, where_N, wce_N, wlse_N,
     softmax_CxV = exp_CxV * (1.0 / sum_C)[:, None]
     onehot_CxV = vocab_V == target_C[:, None]
     dlogits_CxV = ((g_C + g_lse_C)[:, None] * softmax_CxV
-                   - jnp.where(onehot_CxV, g_C[:, None], 0.0)).astype(dtype)
-    dh_CxD = jax.lax.dot_general(
-        dlogits_CxV, w_DxV.astype(dtype), (((1,), (1,)), ((), ())),
-        preferred_element_type=jnp.float32)
-    dw_DxV = dw_DxV + jax.lax.dot_general(
-        h_CxD.astype(dtype), dlogits_CxV, (((0,), (0,)), ((), ())),
-        preferred_element_type=jnp.float32)
-    db_V = db_V + jnp.sum(dlogits_CxV, axis=0, dtype=jnp.float32)
+                   - jnp.where(onehot_CxV, g_C[:, None], 0.0))
+    dh_CxD, dw_DxV, db_V = _head_grads(h_CxD, w_DxV, dlogits_CxV, dw_DxV,
+                                       db_V, dtype)
     rows_C = jnp.where(valid_C, rows_C, n)
     ce_N = ce_N.at[rows_C].set(lse_C - tgt_C, mode="drop")
     lse_N = lse_N.at[rows_C].set(lse_C, mode="drop")
@@ -194,14 +203,8 @@ def _recomputed_grads(h_NxD, w_DxV, b_V, target_N, rows_P, count, n_chunks,
     softmax_CxV = jnp.exp(logits_CxV - lse_N[rows_C][:, None])
     dlogits_CxV = (g_C[:, None] * (softmax_CxV - onehot_CxV)
                    + g_lse_C[:, None] * softmax_CxV)
-    dlogits_CxV = dlogits_CxV.astype(dtype)
-    dh_CxD = jax.lax.dot_general(
-        dlogits_CxV, w_DxV.astype(dtype), (((1,), (1,)), ((), ())),
-        preferred_element_type=jnp.float32)
-    dw_DxV = dw_DxV + jax.lax.dot_general(
-        h_CxD.astype(dtype), dlogits_CxV, (((0,), (0,)), ((), ())),
-        preferred_element_type=jnp.float32)
-    db_V = db_V + jnp.sum(dlogits_CxV, axis=0, dtype=jnp.float32)
+    dh_CxD, dw_DxV, db_V = _head_grads(h_CxD, w_DxV, dlogits_CxV, dw_DxV,
+                                       db_V, dtype)
     rows_C = jnp.where(valid_C, rows_C, n)
     dh_NxD = dh_NxD.at[rows_C].set(dh_CxD, mode="drop")
     return dh_NxD, dw_DxV, db_V
