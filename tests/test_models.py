@@ -339,16 +339,13 @@ def test_map_logits_is_fn_of_the_dense_logits_in_value_and_grad(monkeypatch):
   assert np.abs(np.asarray(g1[2])).max() > 0  # the closure's gradient
 
 
-def test_selected_ce_and_lse_gradient_of_both_outputs():
-  """The fused head's logsumexp output is the dense one at the selected
-  rows, and a loss using both outputs has the dense gradient."""
-  from diffusion_text.models.cross_entropy import selected_ce_and_lse
-  n, d, v = 19, 8, 13
-  ks = jax.random.split(jax.random.key(1), 6)
+def _ce_and_lse_case(seed, n, d=8, v=13):
+  """A head (h [n, d], w, b), targets, every third row unselected, the dense
+  (CE, logsumexp) at the selected rows and two random [n] vectors."""
+  ks = jax.random.split(jax.random.key(seed), 6)
   h, w = jax.random.normal(ks[0], (n, d)), jax.random.normal(ks[1], (d, v))
   b, target = jax.random.normal(ks[2], (v,)), jax.random.randint(
       ks[3], (n,), 0, v)
-  g1, g2 = jax.random.normal(ks[4], (n,)), jax.random.normal(ks[5], (n,))
   where = jnp.arange(n) % 3 != 0
 
   def dense(h, w, b):
@@ -356,6 +353,16 @@ def test_selected_ce_and_lse_gradient_of_both_outputs():
     lse = jax.nn.logsumexp(logits, -1)
     ce = lse - jnp.take_along_axis(logits, target[:, None], -1)[:, 0]
     return jnp.where(where, ce, 0.0), jnp.where(where, lse, 0.0)
+
+  vectors = (jax.random.uniform(ks[4], (n,)), jax.random.normal(ks[5], (n,)))
+  return h, w, b, target, where, dense, vectors
+
+
+def test_selected_ce_and_lse_gradient_of_both_outputs():
+  """The fused head's logsumexp output is the dense one at the selected
+  rows, and a loss using both outputs has the dense gradient."""
+  from diffusion_text.models.cross_entropy import selected_ce_and_lse
+  h, w, b, target, where, dense, (g1, g2) = _ce_and_lse_case(1, 19)
 
   def fused(h, w, b):
     return selected_ce_and_lse(h, w, b, target, where, chunk=4)
@@ -367,6 +374,14 @@ def test_selected_ce_and_lse_gradient_of_both_outputs():
       0.1 * f(*a)[1])), argnums=(0, 1, 2))(h, w, b) for f in (dense, fused)]
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4,
                                                        atol=1e-5), *grads)
+
+
+def _assert_same_value_and_grad(out, ref):
+  """(value, grads) pairs agree to float32 tolerance."""
+  np.testing.assert_allclose(out[0], ref[0], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-5),
+               out[1], ref[1])
 
 
 def _count_recomputes(monkeypatch):
@@ -385,19 +400,8 @@ def test_selected_ce_weights_fold_the_gradient_into_the_forward(monkeypatch):
   other cotangents the backward recomputes, still exactly, and warns."""
   from diffusion_text.models.cross_entropy import selected_ce_and_lse
   recomputes = _count_recomputes(monkeypatch)
-  n, d, v = 23, 8, 13
-  ks = jax.random.split(jax.random.key(2), 6)
-  h, w = jax.random.normal(ks[0], (n, d)), jax.random.normal(ks[1], (d, v))
-  b, target = jax.random.normal(ks[2], (v,)), jax.random.randint(
-      ks[3], (n,), 0, v)
-  a_ce, a_lse = jax.random.uniform(ks[4], (n,)), jax.random.normal(ks[5], (n,))
-  where = jnp.arange(n) % 3 != 0
-
-  def dense(h, w, b):
-    logits = h @ w + b
-    lse = jax.nn.logsumexp(logits, -1)
-    ce = lse - jnp.take_along_axis(logits, target[:, None], -1)[:, 0]
-    return jnp.where(where, ce, 0.0), jnp.where(where, lse, 0.0)
+  n = 23
+  h, w, b, target, where, dense, (a_ce, a_lse) = _ce_and_lse_case(2, n)
 
   def grads(f, weights):
     def objective(h, w, b):
@@ -418,11 +422,8 @@ def test_selected_ce_weights_fold_the_gradient_into_the_forward(monkeypatch):
                               ((a_lse, a_ce), 1)]:
     del recomputes[:]
     out = grads(fused, weights)
+    _assert_same_value_and_grad(out, ref)
     assert len(recomputes) == recomputed
-    np.testing.assert_allclose(out[0], ref[0], rtol=1e-5)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4,
-                                                         atol=1e-5),
-                 out[1], ref[1])
 
 
 @pytest.mark.parametrize("process", ["masked", "ar", "d3pm_absorbing",
@@ -494,9 +495,6 @@ def test_map_logits_weights_fold_the_gradient(monkeypatch):
     del recomputes[:]
     ref = run(None, objective)
     out = run(weights, objective)
+    _assert_same_value_and_grad(out, ref)
     assert len(recomputes) == recomputed
-    np.testing.assert_allclose(out[0], ref[0], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
-                                                         atol=1e-5),
-                 out[1], ref[1])
     assert np.abs(np.asarray(out[1][2])).max() > 0  # the closure's gradient
