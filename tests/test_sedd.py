@@ -13,7 +13,7 @@ import pytest
 from jax.scipy.linalg import expm
 
 from diffusion_text.processes import Denoiser, SamplingOptions, make_process
-from diffusion_text.processes import sedd
+from diffusion_text.processes import sedd_absorb
 
 V = 5
 PI = np.array([0.5, 0.25, 0.15, 0.07, 0.03], np.float32)
@@ -28,7 +28,7 @@ def _process(name, **kw):
 def _raw_from_log_ratio(process, log_s_BxLxK, t_B):
   """Network output that the process turns back into `log_s` (undoes the
   absorbing graph's scale_by_sigma shift, documented in SEDDAbsorb)."""
-  if isinstance(process, sedd.SEDDAbsorb):
+  if isinstance(process, sedd_absorb.SEDDAbsorb):
     a_B = process.alpha(t_B)
     shift_B = jnp.log(a_B) - jnp.log1p(-a_B) - math.log(process.vocab_size)
     return log_s_BxLxK - shift_B[:, None, None]

@@ -20,10 +20,10 @@ from diffusion_text.processes.base import (Bound, LossOutput, Process,
 _REGISTRY: dict[str, str] = {
     "gaussian": "diffusion_text.processes.gaussian:GaussianProcess",
     "gaussian_vlb": "diffusion_text.processes.gaussian_vlb:GaussianVLBProcess",
-    "d3pm_uniform": "diffusion_text.processes.categorical:D3PMUniform",
-    "d3pm_absorbing": "diffusion_text.processes.categorical:D3PMAbsorbing",
+    "d3pm_uniform": "diffusion_text.processes.d3pm_uniform:D3PMUniform",
+    "d3pm_absorbing": "diffusion_text.processes.d3pm_absorbing:D3PMAbsorbing",
     "masked": "diffusion_text.processes.masked:MaskedProcess",
-    "sedd_absorb": "diffusion_text.processes.sedd:SEDDAbsorb",
+    "sedd_absorb": "diffusion_text.processes.sedd_absorb:SEDDAbsorb",
     "sedd_uniform": "diffusion_text.processes.sedd_uniform:SEDDUniform",
     "ar": "diffusion_text.processes.autoregressive:Autoregressive",
 }

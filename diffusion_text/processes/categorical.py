@@ -22,6 +22,8 @@ p(x_{i-1}|x_i)) - log p(x0|x_1), with the sum over steps estimated by one
 i ~ U{1..T} per sequence: T * L_i. Its value goes to the term
 'reconstruction' when i = 1 and to 'diffusion' otherwise (each term is then
 unbiased for its own part). Loss (eq. 5): L_vb + lambda * CE(x0 | x_t).
+
+The graphs live in `d3pm_uniform.py` and `d3pm_absorbing.py`.
 """
 
 from __future__ import annotations
@@ -30,13 +32,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.special import xlogy
 
 from diffusion_text.processes import transitions
 from diffusion_text.processes.base import (Bound, Denoiser, LossOutput,
                                            ModelSpec, Process, SamplingOptions,
-                                           make_bound, map_logits, masked_sum,
-                                           per_token, target_nll)
+                                           make_bound, masked_sum, per_token)
 from diffusion_text.processes.schedules import check_schedule, make_schedule
 
 Array = jax.Array
@@ -245,162 +245,3 @@ class D3PM(Process):
              options: SamplingOptions = SamplingOptions()) -> Array:
     del denoiser, options
     return x0.astype(jnp.int32)
-
-
-@dataclasses.dataclass(frozen=True)
-class D3PMUniform(D3PM):
-  """Q_t = (1 - b_t) I + b_t / V 11^T; prior Uniform(V)."""
-
-  IMPOSE_DRAWS = True  # conditioning draws q(x_t | x0), not the clean token
-
-  @property
-  def transition(self) -> transitions.Uniform:
-    return transitions.Uniform(self.vocab_size)
-
-  def _step_term(self, logits_BxLxV, lse_BxL, probs_BxLxV, x_t, x0, a_s,
-                 a_t):
-    # q(x_s = j | x_t = k, x0) ∝ (c1 + r [j=k]) (c2 + a_s [j=x0]) and
-    # p(x_s = j | x_t = k) ∝ (c1 + r [j=k]) M_j, M_j = a_s p~_j + c2, so
-    # log(q_j / p_j) = log(Zp / Zq) - log(M_j / c2) + [j=x0] log(1 + a_s/c2):
-    # one O(V) reduction, sum_j q_j softplus(log(a_s p~_j / c2)), no V-sized
-    # log-probabilities kept; softplus(log(a_s p~_j / c2)) is computed as
-    # log1p(a_s p~_j / c2) from the softmax the logsumexp's exponentials
-    # give (one transcendental per entry instead of two).
-    v = self.vocab_size
-    r = self._keep_ratio(a_s, a_t)
-    c1 = jnp.maximum((1.0 - r) / v, _TINY)
-    c2 = jnp.maximum((1.0 - a_s) / v, _TINY)
-    same = (x_t == x0).astype(jnp.float32)
-    logp_k = _take(logits_BxLxV, x_t) - lse_BxL
-    logp_x = _take(logits_BxLxV, x0) - lse_BxL
-    log_ratio = jnp.log(jnp.maximum(a_s, _TINY)) - jnp.log(c2)
-    ratio = jnp.maximum(a_s, _TINY) / c2
-    sp_sum = jnp.sum(jnp.log1p(ratio[..., None] * probs_BxLxV), axis=-1)
-    sp_k = jax.nn.softplus(log_ratio + logp_k)
-    sp_x = jax.nn.softplus(log_ratio + logp_x)
-    z_q = v * c1 * c2 + r * c2 + a_s * c1 + same * r * a_s
-    z_p = c1 + r * (a_s * jnp.exp(logp_k) + c2)
-    mean_sp = (c1 * c2 * sp_sum + r * c2 * sp_k
-               + (c1 + same * r) * a_s * sp_x) / z_q
-    q_x = (c1 + same * r) * (c2 + a_s) / z_q
-    kl = (jnp.log(z_p) - jnp.log(z_q) - mean_sp
-          + q_x * jax.nn.softplus(log_ratio))
-    # s = 0: -log p(x0 | x_t), p(j | k) = (c1 + r [j=k]) p~_j / (c1 + r p~_k).
-    nll0 = (jnp.logaddexp(jnp.log(c1), jnp.log(jnp.maximum(r, _TINY)) + logp_k)
-            - jnp.log(c1 + r * same) - logp_x)
-    return jnp.where(a_s >= 1.0, nll0, jnp.maximum(kl, 0.0))
-
-  def _ce_positions(self, x_t):
-    return jnp.ones(x_t.shape, bool)
-
-  def _position_terms(self, denoiser, x_t, t_B, x0, a_s, a_t, weights):
-    # Every position needs O(V) sums of its logits: a chunk of positions at
-    # a time (base.map_logits), never [B, L, V] log-probabilities.
-    def terms(logits_NxV, rows):
-      x_t_N, x0_N, a_s_N, a_t_N = rows
-      lse_N, probs_NxV = _lse_and_probs(logits_NxV)
-      return (self._step_term(logits_NxV, lse_N, probs_NxV, x_t_N, x0_N,
-                              a_s_N, a_t_N),
-              lse_N - _take(logits_NxV, x0_N))
-
-    rows = (x_t, x0, jnp.broadcast_to(a_s, x_t.shape),
-            jnp.broadcast_to(a_t, x_t.shape))
-    return map_logits(denoiser, x_t, t_B, terms, rows, weights=weights)
-
-  def _prior_kl(self, a_T):
-    v = self.vocab_size
-    c = (1.0 - a_T) / v
-    return xlogy(a_T + c, v * (a_T + c)) + (v - 1) * xlogy(c, v * c)
-
-  def prior(self, key: Array, shape: tuple[int, int]) -> Array:
-    return jax.random.randint(key, shape, 0, self.vocab_size, jnp.int32)
-
-  def _reverse_sample(self, key, logits_BxLxV, x_t, a_s, a_t, at_zero):
-    # p(x_s | x_t = k) is a mixture: keep k (weight r M_k), a draw from p~
-    # (c1 a_s) or a uniform token (c1 (1 - a_s)), all over Z = c1 + r M_k.
-    v = self.vocab_size
-    r = self._keep_ratio(a_s, a_t)
-    c1 = (1.0 - r) / v
-    p_k = _take(jax.nn.softmax(logits_BxLxV, axis=-1), x_t)
-    keep_w = r * (a_s * p_k + (1.0 - a_s) / v)
-    z = c1 + keep_w
-    choice_key, draw_key = jax.random.split(key)
-    u_choice = jax.random.uniform(choice_key, x_t.shape) * z
-    u_draw = jax.random.uniform(draw_key, x_t.shape)
-    # The same uniform serves p~ or the uniform replacement (exclusive).
-    from_model = _categorical(u_draw, logits_BxLxV)
-    from_uniform = jnp.minimum(jnp.floor(u_draw * v), v - 1).astype(jnp.int32)
-    # At s = 0 (a_s = 1) the uniform component has weight 0; `at_zero` only
-    # guards against u_choice rounding up to z.
-    from_noise = jnp.where(at_zero, from_model, from_uniform)
-    x_s = jnp.where(u_choice < keep_w, x_t,
-                    jnp.where(u_choice < keep_w + c1 * a_s, from_model,
-                              from_noise))
-    return x_s.astype(x_t.dtype)
-
-
-@dataclasses.dataclass(frozen=True)
-class D3PMAbsorbing(D3PM):
-  """Q_t = (1 - b_t) I + b_t 1 e_m^T with [MASK] m = V; prior: all [MASK].
-
-  alpha_bar(1) is 0 exactly, so q(x_T | x0) is the all-mask prior.
-  """
-
-  schedule: str = "linear"  # alpha = 1 - t: D3PM's b_i = 1 / (T - i + 1)
-
-  @property
-  def mask_id(self) -> int:
-    return self.transition.mask_id
-
-  @property
-  def transition(self) -> transitions.Absorbing:
-    return transitions.Absorbing(self.vocab_size)
-
-  def alpha_bar(self, t: Array) -> Array:
-    t = jnp.asarray(t, jnp.float32)
-    return jnp.where(t >= 1.0, 0.0, super().alpha_bar(t))
-
-  def _step_term(self, logits_BxLxV, lse_BxL, probs_BxLxV, x_t, x0, a_s,
-                 a_t):
-    del probs_BxLxV
-    # Zero unless x_t is masked; there q(x_s = x0 | ...) = (a_s - a_t)/(1 - a_t)
-    # and p puts p~ on the same mass, so KL = that weight times -log p~(x0).
-    nll = lse_BxL - _take(logits_BxLxV, x0)  # cross_entropy, lse reused
-    return self._masked_step(nll, x_t, a_s, a_t)
-
-  @staticmethod
-  def _kl_weight(a_s, a_t):
-    return (a_s - a_t) / jnp.maximum(1.0 - a_t, _TINY)
-
-  def _masked_step(self, nll, x_t, a_s, a_t):
-    return jnp.where(x_t == self.mask_id, self._kl_weight(a_s, a_t) * nll, 0.0)
-
-  def _ce_positions(self, x_t):
-    return x_t == self.mask_id
-
-  def _position_terms(self, denoiser, x_t, t_B, x0, a_s, a_t, weights):
-    # Both terms live at [MASK] only: the head and softmax run there alone,
-    # each position's CE weighted step_weight * kl_weight + ce_weight.
-    step_w, ce_w = weights
-    nll = target_nll(denoiser, x_t, t_B, x0, x_t == self.mask_id,
-                     weights=step_w * self._kl_weight(a_s, a_t) + ce_w)
-    return self._masked_step(nll, x_t, a_s, a_t), nll
-
-  def _prior_kl(self, a_T):
-    # KL(a_T e_x0 + (1 - a_T) e_m || e_m): infinite unless a_T = 0.
-    return xlogy(1.0 - a_T, 1.0 - a_T) + jnp.where(a_T > 0, jnp.inf, 0.0)
-
-  def prior(self, key: Array, shape: tuple[int, int]) -> Array:
-    del key
-    return jnp.full(shape, self.mask_id, jnp.int32)
-
-  def _reverse_sample(self, key, logits_BxLxV, x_t, a_s, a_t, at_zero):
-    # Only masked positions can change: unmask with prob (a_s - a_t)/(1 - a_t)
-    # (exactly 1 at s = 0, so no [MASK] survives the last step).
-    unmask_w = (a_s - a_t) / jnp.maximum(1.0 - a_t, _TINY)
-    unmask_w = jnp.where(at_zero, 1.0, unmask_w)
-    choice_key, draw_key = jax.random.split(key)
-    unmask = ((x_t == self.mask_id)
-              & (jax.random.uniform(choice_key, x_t.shape) < unmask_w))
-    x0_hat = _categorical(jax.random.uniform(draw_key, x_t.shape), logits_BxLxV)
-    return jnp.where(unmask, x0_hat, x_t).astype(x_t.dtype)
