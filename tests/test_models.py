@@ -326,12 +326,12 @@ def test_map_logits_is_fn_of_the_dense_logits_in_value_and_grad(monkeypatch):
     a, b = f(params, shift, scale_V)
     return jnp.sum(a) + jnp.sum(jnp.sin(b)), (a, b)
 
-  (_, out0), g0 = jax.value_and_grad(functools.partial(total, f=dense),
-                                     (0, 1, 2), has_aux=True)(
-                                         params, shift, scale_V)
-  (_, out1), g1 = jax.value_and_grad(functools.partial(total, f=chunked),
-                                     (0, 1, 2), has_aux=True)(
-                                         params, shift, scale_V)
+  (_, out0), g0 = jax.jit(jax.value_and_grad(
+      functools.partial(total, f=dense), (0, 1, 2), has_aux=True))(
+          params, shift, scale_V)
+  (_, out1), g1 = jax.jit(jax.value_and_grad(
+      functools.partial(total, f=chunked), (0, 1, 2), has_aux=True))(
+          params, shift, scale_V)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=1e-5), out0, out1)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
