@@ -72,8 +72,6 @@ def target_nll(denoiser: Denoiser, x_t: Array, t_B: Array,
   passed: a wrong hint costs a recomputation and a warning, never accuracy).
   """
   if denoiser.target_nll is not None:
-    if weights is None:
-      return denoiser.target_nll(x_t, t_B, target_BxL, where_BxL)
     return denoiser.target_nll(x_t, t_B, target_BxL, where_BxL,
                                weights=weights)
   return cross_entropy(denoiser.predict(x_t, t_B), target_BxL)
@@ -89,8 +87,6 @@ def target_lse(denoiser: Denoiser, x_t: Array, t_B: Array,
   offers `Denoiser.target_lse`; values off `where` are arbitrary).
   `weights`: the two's loss weights, as for `target_nll`."""
   if denoiser.target_lse is not None:
-    if weights is None:
-      return denoiser.target_lse(x_t, t_B, target_BxL, where_BxL, classes)
     return denoiser.target_lse(x_t, t_B, target_BxL, where_BxL, classes,
                                weights=weights)
   logits_BxLxV = denoiser.predict(x_t, t_B)[..., :classes]
@@ -111,9 +107,8 @@ def map_logits(denoiser: Denoiser, x_t: Array, t_B: Array, fn, rows,
   arrays, the weight the caller's loss gives each output, up to one factor.
   """
   if denoiser.map_logits is not None:
-    if weights is not None:
-      predict_kwargs["weights"] = weights
-    return denoiser.map_logits(x_t, t_B, fn, rows, **predict_kwargs)
+    return denoiser.map_logits(x_t, t_B, fn, rows, weights=weights,
+                               **predict_kwargs)
   logits_BxLxV = denoiser.predict(x_t, t_B, **predict_kwargs)
   b, length, vocab = logits_BxLxV.shape
   flat = lambda a: a.reshape(b * length, *a.shape[2:])
