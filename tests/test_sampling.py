@@ -265,6 +265,28 @@ def test_draws_follow_the_law_across_blocks_and_only_where_asked(float64):
                          capacity=128)
   np.testing.assert_array_equal(got, ref)
   assert (np.asarray(got)[~np.asarray(few)] == 0).all()
+  # stay_or_move: the law of the weights with the current state included
+  # (it stays w.p. w[current] / sum w, the rest drawn among the others).
+  w = np.array([0.5, 0.0, 2.0, 1.5, 1.0], np.float32)
+  x = jnp.full((n, 1), 2, jnp.int32)
+  moved = np.asarray(jax.jit(lambda k: draws.stay_or_move(
+      k, jnp.broadcast_to(jnp.asarray(w), (n, 1, 5)), x, float64))(
+          jax.random.key(4)))[:, 0]
+  for c in range(5):
+    assert_matches(np.mean(moved == c), w[c] / w.sum(), n)
+  # Few movers (gathered) and every row (capacity n) agree row by row; a
+  # state whose weight is the whole mass never moves.
+  w_BxLxK = jax.random.uniform(jax.random.key(5), (4, 32, v))
+  current = jax.random.randint(jax.random.key(6), (4, 32), 0, v)
+  w_BxLxK = jnp.where(jnp.arange(v) == current[..., None],
+                      jnp.where(few, 0.05, 1e4)[..., None], w_BxLxK)
+  w_BxLxK = w_BxLxK.at[0, 0].set(jnp.zeros(v).at[current[0, 0]].set(1.0))
+  got = draws.stay_or_move(jax.random.key(7), w_BxLxK, current, float64)
+  ref = draws.stay_or_move(jax.random.key(7), w_BxLxK, current, float64,
+                           capacity=128)
+  np.testing.assert_array_equal(got, ref)
+  assert int(got[0, 0]) == int(current[0, 0])
+  assert 0 < int(jnp.sum(got != current)) <= 64
 
 
 @pytest.mark.parametrize("name", MaskedProcess.SAMPLERS)

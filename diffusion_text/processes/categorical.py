@@ -33,7 +33,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from diffusion_text.processes import transitions
+from diffusion_text.processes import draws, transitions
 from diffusion_text.processes.base import (Bound, Denoiser, LossOutput,
                                            ModelSpec, Process, SamplingOptions,
                                            make_bound, masked_sum, per_token)
@@ -73,12 +73,12 @@ def _tempered(logits_BxLxV: Array, temperature: float) -> Array:
   return logits_BxLxV / temperature
 
 
-def _categorical(u_BxL: Array, logits_BxLxV: Array) -> Array:
-  """Inverse-CDF draw from softmax(logits): one uniform per position."""
-  probs_BxLxV = jax.nn.softmax(logits_BxLxV, axis=-1)
-  cdf_BxLxV = jnp.cumsum(probs_BxLxV, axis=-1)
-  ids = jnp.sum(cdf_BxLxV < u_BxL[..., None] * cdf_BxLxV[..., -1:], axis=-1)
-  return jnp.minimum(ids, logits_BxLxV.shape[-1] - 1).astype(jnp.int32)
+def _draw_where(key: Array, logits_BxLxV: Array, where_BxL: Array,
+                float64: bool) -> Array:
+  """Draws from softmax(logits) (already tempered) only where `where_BxL`
+  (`draws.draw_where`: the few positions that change, no V-long cumsum)."""
+  return draws.draw_where(key, logits_BxLxV, where_BxL,
+                          SamplingOptions(float64=float64))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +121,8 @@ class D3PM(Process):
     """KL(q(x_T | x0) || p(x_T)) per position (the same for every x0)."""
     raise NotImplementedError
 
-  def _reverse_sample(self, key, logits_BxLxV, x_t, a_s, a_t, at_zero):
+  def _reverse_sample(self, key, logits_BxLxV, x_t, a_s, a_t, at_zero,
+                      float64):
     raise NotImplementedError
 
   # ---- schedule ----------------------------------------------------------
@@ -239,7 +240,8 @@ class D3PM(Process):
     logits_BxLxV = denoiser.predict(x_t, t_B).astype(jnp.float32)
     logits_BxLxV = _tempered(logits_BxLxV, options.temperature)
     return self._reverse_sample(key, logits_BxLxV, x_t, self.alpha_bar(s),
-                                self.alpha_bar(t), jnp.asarray(s) <= 0.0)
+                                self.alpha_bar(t), jnp.asarray(s) <= 0.0,
+                                options.float64)
 
   def decode(self, denoiser: Denoiser, x0: Array,
              options: SamplingOptions = SamplingOptions()) -> Array:

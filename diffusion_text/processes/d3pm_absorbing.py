@@ -13,7 +13,7 @@ from jax.scipy.special import xlogy
 
 from diffusion_text.processes import transitions
 from diffusion_text.processes.base import target_nll
-from diffusion_text.processes.categorical import (_TINY, D3PM, _categorical,
+from diffusion_text.processes.categorical import (_TINY, D3PM, _draw_where,
                                                   _take)
 
 Array = jax.Array
@@ -74,7 +74,8 @@ class D3PMAbsorbing(D3PM):
     del key
     return jnp.full(shape, self.mask_id, jnp.int32)
 
-  def _reverse_sample(self, key, logits_BxLxV, x_t, a_s, a_t, at_zero):
+  def _reverse_sample(self, key, logits_BxLxV, x_t, a_s, a_t, at_zero,
+                      float64):
     # Only masked positions can change: unmask with prob (a_s - a_t)/(1 - a_t)
     # (exactly 1 at s = 0, so no [MASK] survives the last step).
     unmask_w = (a_s - a_t) / jnp.maximum(1.0 - a_t, _TINY)
@@ -82,5 +83,5 @@ class D3PMAbsorbing(D3PM):
     choice_key, draw_key = jax.random.split(key)
     unmask = ((x_t == self.mask_id)
               & (jax.random.uniform(choice_key, x_t.shape) < unmask_w))
-    x0_hat = _categorical(jax.random.uniform(draw_key, x_t.shape), logits_BxLxV)
+    x0_hat = _draw_where(draw_key, logits_BxLxV, unmask, float64)
     return jnp.where(unmask, x0_hat, x_t).astype(x_t.dtype)

@@ -12,7 +12,7 @@ from jax.scipy.special import xlogy
 
 from diffusion_text.processes import transitions
 from diffusion_text.processes.base import map_logits
-from diffusion_text.processes.categorical import (_TINY, D3PM, _categorical,
+from diffusion_text.processes.categorical import (_TINY, D3PM, _draw_where,
                                                   _lse_and_probs, _take)
 
 Array = jax.Array
@@ -86,7 +86,8 @@ class D3PMUniform(D3PM):
   def prior(self, key: Array, shape: tuple[int, int]) -> Array:
     return jax.random.randint(key, shape, 0, self.vocab_size, jnp.int32)
 
-  def _reverse_sample(self, key, logits_BxLxV, x_t, a_s, a_t, at_zero):
+  def _reverse_sample(self, key, logits_BxLxV, x_t, a_s, a_t, at_zero,
+                      float64):
     # p(x_s | x_t = k) is a mixture: keep k (weight r M_k), a draw from p~
     # (c1 a_s) or a uniform token (c1 (1 - a_s)), all over Z = c1 + r M_k.
     v = self.vocab_size
@@ -95,16 +96,14 @@ class D3PMUniform(D3PM):
     p_k = _take(jax.nn.softmax(logits_BxLxV, axis=-1), x_t)
     keep_w = r * (a_s * p_k + (1.0 - a_s) / v)
     z = c1 + keep_w
-    choice_key, draw_key = jax.random.split(key)
+    choice_key, model_key, noise_key = jax.random.split(key, 3)
     u_choice = jax.random.uniform(choice_key, x_t.shape) * z
-    u_draw = jax.random.uniform(draw_key, x_t.shape)
-    # The same uniform serves p~ or the uniform replacement (exclusive).
-    from_model = _categorical(u_draw, logits_BxLxV)
-    from_uniform = jnp.minimum(jnp.floor(u_draw * v), v - 1).astype(jnp.int32)
+    keep = u_choice < keep_w
     # At s = 0 (a_s = 1) the uniform component has weight 0; `at_zero` only
     # guards against u_choice rounding up to z.
-    from_noise = jnp.where(at_zero, from_model, from_uniform)
-    x_s = jnp.where(u_choice < keep_w, x_t,
-                    jnp.where(u_choice < keep_w + c1 * a_s, from_model,
-                              from_noise))
+    model = ~keep & ((u_choice < keep_w + c1 * a_s) | at_zero)
+    # p~ is drawn only where it is chosen (a few positions per step).
+    from_model = _draw_where(model_key, logits_BxLxV, model, float64)
+    from_uniform = jax.random.randint(noise_key, x_t.shape, 0, v, jnp.int32)
+    x_s = jnp.where(keep, x_t, jnp.where(model, from_model, from_uniform))
     return x_s.astype(x_t.dtype)

@@ -13,7 +13,10 @@ float32 uniform for both levels, a plain float32 inverse CDF.
 
 Only positions that change need a draw: `draw_where` gathers those rows (up
 to a static capacity, else it falls back to every row), so the V-sized work
-per step is the few positions that unmask, not all of them.
+per step is the few positions that unmask, not all of them. `stay_or_move`
+does the same for a chain whose every position may move: one uniform
+decides stay or move from the current state's weight, and only the movers
+draw a new state.
 """
 
 from __future__ import annotations
@@ -95,6 +98,28 @@ def draw(key: Array, logits_NxV: Array, options) -> Array:
                      options.float64)
 
 
+def _where_rows(rows_fn, where_N: Array, capacity: int, *arrays_N):
+  """int32 [N]: rows_fn(*arrays) on the rows `where_N` selects, 0 elsewhere.
+
+  Up to `capacity` rows are gathered and computed alone; more fall back to
+  every row. Row-wise functions give the same result either way."""
+  n = where_N.shape[0]
+  capacity = min(capacity, n)
+
+  def gathered():
+    idx_C = jnp.nonzero(where_N, size=capacity, fill_value=n)[0]
+    safe_C = jnp.minimum(idx_C, n - 1)
+    ids_C = rows_fn(*(a[safe_C] for a in arrays_N))
+    return jnp.zeros((n,), jnp.int32).at[idx_C].set(ids_C, mode="drop")
+
+  def everywhere():
+    return jnp.where(where_N, rows_fn(*arrays_N), 0)
+
+  if capacity == n:
+    return everywhere()
+  return jax.lax.cond(jnp.sum(where_N) <= capacity, gathered, everywhere)
+
+
 def draw_where(key: Array, logits_BxLxV: Array, where_BxL: Array, options,
                capacity: int = 64) -> Array:
   """Tokens int32 [B, L], drawn only where `where_BxL` (elsewhere 0).
@@ -105,26 +130,44 @@ def draw_where(key: Array, logits_BxLxV: Array, where_BxL: Array, options,
   """
   b, l, v = logits_BxLxV.shape
   n = b * l
-  logits_NxV = logits_BxLxV.reshape(n, v)
-  where_N = where_BxL.reshape(n)
-  u_Nx2 = jax.random.uniform(key, (n, 2))
-  capacity = min(capacity, n)
 
   def rows(u, logits):
     if options.temperature == 0.0:
       return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return categorical(u, filtered_probs(logits, options), options.float64)
 
-  def gathered():
-    idx_C = jnp.nonzero(where_N, size=capacity, fill_value=n)[0]
-    safe_C = jnp.minimum(idx_C, n - 1)
-    ids_C = rows(u_Nx2[safe_C], logits_NxV[safe_C])
-    return jnp.zeros((n,), jnp.int32).at[idx_C].set(ids_C, mode="drop")
-
-  def everywhere():
-    return jnp.where(where_N, rows(u_Nx2, logits_NxV), 0)
-
-  if capacity == n:
-    return everywhere().reshape(b, l)
-  out_N = jax.lax.cond(jnp.sum(where_N) <= capacity, gathered, everywhere)
+  u_Nx2 = jax.random.uniform(key, (n, 2))
+  out_N = _where_rows(rows, where_BxL.reshape(n), capacity, u_Nx2,
+                      logits_BxLxV.reshape(n, v))
   return out_N.reshape(b, l)
+
+
+def stay_or_move(key: Array, weights_BxLxK: Array, current_BxL: Array,
+                 float64: bool, capacity: int = 64) -> Array:
+  """One draw per position from unnormalised weights over K states, the
+  current state included -> int32 [B, L].
+
+  A position stays with probability w[current] / sum(w) (one uniform);
+  the others draw from w with the current state removed, which together is
+  the draw from w. Only the movers' rows are drawn (`draw_where`'s
+  gathering), so a reverse chain that moves a few positions per step pays
+  for a few rows, and no K-long cumsum is built anywhere.
+  """
+  b, l, k = weights_BxLxK.shape
+  n = b * l
+  stay_key, draw_key = jax.random.split(key)
+  total_BxL = jnp.sum(weights_BxLxK, axis=-1)
+  current_BxL = current_BxL.astype(jnp.int32)
+  stay_BxL = jnp.take_along_axis(weights_BxLxK, current_BxL[..., None],
+                                 -1)[..., 0]
+  u_BxL = jax.random.uniform(stay_key, (b, l))
+  move_BxL = (u_BxL * total_BxL >= stay_BxL) & (stay_BxL < total_BxL)
+
+  def rows(u, weights, current):
+    others = jnp.where(jnp.arange(k) == current[:, None], 0.0, weights)
+    return categorical(u, others, float64)
+
+  u_Nx2 = jax.random.uniform(draw_key, (n, 2))
+  new_N = _where_rows(rows, move_BxL.reshape(n), capacity, u_Nx2,
+                      weights_BxLxK.reshape(n, k), current_BxL.reshape(n))
+  return jnp.where(move_BxL, new_N.reshape(b, l), current_BxL)

@@ -54,7 +54,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from diffusion_text.processes import base
+from diffusion_text.processes import base, draws
 from diffusion_text.processes.base import SamplingOptions
 from diffusion_text.processes.schedules import (Schedule, check_schedule,
                                                 make_schedule)
@@ -62,17 +62,6 @@ from diffusion_text.processes.schedules import (Schedule, check_schedule,
 Array = jax.Array
 
 _SCHEDULES = ("loglinear", "geometric")
-
-
-def _categorical(key: Array, weights_BxLxK: Array) -> Array:
-  """One draw per position from unnormalised weights: one uniform each
-  (inverse CDF) rather than K Gumbels."""
-  cdf_BxLxK = jnp.cumsum(weights_BxLxK, axis=-1)
-  total_BxL = cdf_BxLxK[..., -1]
-  u_BxL = jax.random.uniform(key, total_BxL.shape) * total_BxL
-  # Strictly below the total, so trailing zero-weight states are never drawn.
-  u_BxL = jnp.minimum(u_BxL, jnp.nextafter(total_BxL, 0.0))
-  return jnp.sum(cdf_BxLxK <= u_BxL[..., None], axis=-1).astype(jnp.int32)
 
 
 def _expand(t: Array, ndim: int) -> Array:
@@ -258,7 +247,9 @@ class _SEDD(base.Process):
                    t: Array, s: Array,
                    options: SamplingOptions = SamplingOptions()) -> Array:
     probs_BxLxK = self.reverse_probs(denoiser, x_t, t, s, options)
-    return _categorical(key, probs_BxLxK)
+    # Stay with the current state's share, else draw among the others:
+    # only the few positions that move per step pay for a K-way draw.
+    return draws.stay_or_move(key, probs_BxLxK, x_t, options.float64)
 
   def decode(self, denoiser: base.Denoiser, x0: Array,
              options: SamplingOptions = SamplingOptions()) -> Array:
