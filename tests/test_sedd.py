@@ -304,6 +304,27 @@ def test_tweedie_step_is_exact_bayes_and_euler_agrees_for_small_steps(name):
     assert 0.0 < float(jnp.abs(step - exact).max()) < 0.02 * move
 
 
+@pytest.mark.parametrize("name", GRAPHS)
+def test_reverse_step_draws_from_reverse_probs(name):
+  """One step from every state, 4000 times: the frequencies of x_s are the
+  normalised `reverse_probs` (the step never builds them: SEDDAbsorb draws
+  unmask-then-token, sedd_uniform stays or moves, draws.stay_or_move)."""
+  p = _process(name, schedule="geometric")
+  k, n = p.num_states, 4000
+  den = _oracle(p, garbage=5.0)
+  x_t = jnp.broadcast_to(jnp.arange(k), (n, k))
+  step = jax.jit(lambda key, t, s: p.reverse_step(key, den, x_t, t, s))
+  for t, s in ((0.7, 0.4), (0.2, 0.0)):
+    probs = p.reverse_probs(den, x_t[:1], t, s)[0]
+    probs = np.asarray(probs / probs.sum(-1, keepdims=True))
+    x_s = np.asarray(step(jax.random.key(3), jnp.float32(t), jnp.float32(s)))
+    for x in range(k):
+      freq = np.bincount(x_s[:, x], minlength=k) / n
+      sem = np.sqrt(probs[x] * (1 - probs[x]) / n)
+      assert np.all(np.abs(freq - probs[x]) <= 4.5 * sem + 1e-9), (x, freq,
+                                                                   probs[x])
+
+
 def _sample(p, denoiser, key, shape, steps, options):
   """A tiny sampling loop over `time_grid` (the shared one lives elsewhere)."""
   grid_T = p.time_grid(steps, shape[1])

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_text.contract import cross_entropy
-from diffusion_text.processes import base, transitions
+from diffusion_text.processes import base, draws, transitions
 from diffusion_text.processes.base import SamplingOptions
 from diffusion_text.processes.schedules import Schedule
 from diffusion_text.processes.sedd import _SEDD, _expand
@@ -105,27 +105,51 @@ class SEDDAbsorb(transitions.AbsorbingStates, _SEDD):
     return self.transition.base_prior(key, shape,
                                       self.noise_schedule.alpha_end())
 
-  def reverse_probs(self, denoiser: base.Denoiser, x_t: Array, t: Array,
-                    s: Array, options: SamplingOptions = SamplingOptions()
-                    ) -> Array:
-    """Unnormalised p(x_s | x_t) [B, L, V+1] of the chosen sampler.
-
-    At [MASK] every sampler unmasks to y with c * s_hat_y and stays with the
-    rest (`_ABSORB_STEPS`); the denoiser (s <= 0) c = 1 and never stays
-    (reference `Denoiser`).
-    """
+  def _unmask_weights(self, denoiser: base.Denoiser, x_t: Array, t: Array,
+                      s: Array, options: SamplingOptions):
+    """(log s_hat [B, L, V], c, stay [B, L], sum_y s_hat_y [B, L]): at
+    [MASK] the step unmasks to y with weight c * s_hat_y and stays with
+    `stay` (`_ABSORB_STEPS`); the denoiser (s <= 0) has c = 1 and never
+    stays (reference `Denoiser`)."""
     step_fn = _ABSORB_STEPS[self.sampler(options)]
     t_B = jnp.full((x_t.shape[0],), t, jnp.float32)
-    s_hat_BxLxV = jnp.exp(self.log_score(denoiser, x_t, t_B))
-    total_BxL = jnp.sum(s_hat_BxLxV, axis=-1)
+    log_s_hat_BxLxV = self.log_score(denoiser, x_t, t_B)
+    total_BxL = jnp.sum(jnp.exp(log_s_hat_BxLxV), axis=-1)
     c, stay_BxL = step_fn(self.noise_schedule, t, s, total_BxL)
     final = s <= 0.0
     c = jnp.where(final, 1.0, c)
     stay_BxL = jnp.where(final, 0.0, stay_BxL)
+    return log_s_hat_BxLxV, c, stay_BxL, total_BxL
+
+  def reverse_probs(self, denoiser: base.Denoiser, x_t: Array, t: Array,
+                    s: Array, options: SamplingOptions = SamplingOptions()
+                    ) -> Array:
+    """Unnormalised p(x_s | x_t) [B, L, V+1] of the chosen sampler
+    (`_unmask_weights`; positions off [MASK] keep their token)."""
+    log_s_hat_BxLxV, c, stay_BxL, _ = self._unmask_weights(
+        denoiser, x_t, t, s, options)
     probs_BxLxK = jnp.concatenate(
-        [jnp.asarray(c)[..., None] * s_hat_BxLxV, stay_BxL[..., None]], -1)
+        [jnp.asarray(c)[..., None] * jnp.exp(log_s_hat_BxLxV),
+         stay_BxL[..., None]], -1)
     keep_BxLxK = jax.nn.one_hot(x_t, self.num_states)
     return jnp.where((x_t == self.mask_id)[..., None], probs_BxLxK, keep_BxLxK)
+
+  def reverse_step(self, key: Array, denoiser: base.Denoiser, x_t: Array,
+                   t: Array, s: Array,
+                   options: SamplingOptions = SamplingOptions()) -> Array:
+    """A draw from `reverse_probs` without building it: a [MASK] unmasks
+    with probability c sum s_hat / (c sum s_hat + stay), and only the
+    positions that unmask draw a token, from s_hat (`draws.draw_where`)."""
+    log_s_hat_BxLxV, c, stay_BxL, total_BxL = self._unmask_weights(
+        denoiser, x_t, t, s, options)
+    unmask_key, draw_key = jax.random.split(key)
+    move_BxL = c * total_BxL
+    u_BxL = jax.random.uniform(unmask_key, x_t.shape)
+    unmask_BxL = ((x_t == self.mask_id)
+                  & (u_BxL * (move_BxL + stay_BxL) < move_BxL))
+    tokens_BxL = draws.draw_where(draw_key, log_s_hat_BxLxV, unmask_BxL,
+                                  SamplingOptions(float64=options.float64))
+    return jnp.where(unmask_BxL, tokens_BxL, x_t).astype(jnp.int32)
 
 
 def _absorb_rate(sch: Schedule, t, s):
