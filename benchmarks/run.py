@@ -245,12 +245,17 @@ def make_sampler(process, sampler: Optional[str], num: int, length: int,
                                options=options)
 
 
+# The Denoiser fields that run the network once per call.
+NETWORK_CALLS = ("predict", "target_nll", "target_lse", "map_logits")
+
+
 def counting(build_denoiser: Callable, counter: list) -> Callable:
   """A denoiser builder whose network calls bump `counter` at run time.
 
-  A `jax.debug.callback` per `predict` / `target_nll` call fires each time
-  the call executes, so skipped branches (the cached sampler's `cond`) and
-  every loop trip are counted exactly. Used in a separate, untimed run.
+  A `jax.debug.callback` per call of the network (`predict`, `target_nll`,
+  `target_lse`, `map_logits`) fires each time the call executes, so skipped
+  branches (the cached sampler's `cond`) and every loop trip are counted
+  exactly. Used in a separate, untimed run.
   """
   def bump():
     counter[0] += 1
@@ -265,8 +270,8 @@ def counting(build_denoiser: Callable, counter: list) -> Callable:
 
   def build(params):
     d = build_denoiser(params)
-    return dataclasses.replace(d, predict=wrap(d.predict),
-                               target_nll=wrap(d.target_nll))
+    return dataclasses.replace(
+        d, **{f: wrap(getattr(d, f)) for f in NETWORK_CALLS})
   return build
 
 

@@ -92,3 +92,21 @@ def test_sampler_rows(result):
   assert 1 <= rows["masked", "cached"]["network_calls"] <= steps
   assert "cached_over_ancestral" in rows["masked", "cached"]
   assert "| masked |" in table and "| ar | ancestral |" in table
+
+
+def test_counting_counts_every_network_entry_point():
+  import jax
+  import jax.numpy as jnp
+  from diffusion_text.contract import Denoiser
+  # Every Denoiser field but these parts of a network runs it once.
+  parts = {"embed", "round_logits", "round_nll", "gamma"}
+  fields = {f.name for f in dataclasses.fields(Denoiser)}
+  assert fields - parts == set(run.NETWORK_CALLS)
+  counter = [0]
+  den = run.counting(
+      lambda params: Denoiser(**{f: (lambda x: 2 * x) for f in fields}),
+      counter)(None)
+  for f in sorted(fields):
+    jax.jit(lambda x, f=f: getattr(den, f)(x))(jnp.ones(3))
+  jax.effects_barrier()
+  assert counter[0] == len(run.NETWORK_CALLS)
