@@ -252,8 +252,10 @@ def test_draws_follow_the_law_across_blocks_and_only_where_asked(float64):
   probs[0] = 1.0 - probs.sum() + probs[0]
   options = SamplingOptions(float64=float64)
   logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs, jnp.float32)), (n, v))
-  ids = np.asarray(jax.jit(lambda k: draws.draw(k, logits, options))(
-      jax.random.key(0)))
+  # The logits are an argument, not a closed-over constant that XLA would
+  # fold at compile time (seconds).
+  ids = np.asarray(jax.jit(lambda k, l: draws.draw(k, l, options))(
+      jax.random.key(0), logits))
   for c in (0, 3, 150, 299):
     assert_matches(np.mean(ids == c), probs[c], n)
   # draw_where: the gathered and the everywhere path agree position by
@@ -269,9 +271,9 @@ def test_draws_follow_the_law_across_blocks_and_only_where_asked(float64):
   # (it stays w.p. w[current] / sum w, the rest drawn among the others).
   w = np.array([0.5, 0.0, 2.0, 1.5, 1.0], np.float32)
   x = jnp.full((n, 1), 2, jnp.int32)
-  moved = np.asarray(jax.jit(lambda k: draws.stay_or_move(
+  moved = np.asarray(jax.jit(lambda k, x: draws.stay_or_move(
       k, jnp.broadcast_to(jnp.asarray(w), (n, 1, 5)), x, float64))(
-          jax.random.key(4)))[:, 0]
+          jax.random.key(4), x))[:, 0]
   for c in range(5):
     assert_matches(np.mean(moved == c), w[c] / w.sum(), n)
   # Few movers (gathered) and every row (capacity n) agree row by row; a
