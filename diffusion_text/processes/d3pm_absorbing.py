@@ -78,8 +78,7 @@ class D3PMAbsorbing(D3PM):
                       float64):
     # Only masked positions can change: unmask with prob (a_s - a_t)/(1 - a_t)
     # (exactly 1 at s = 0, so no [MASK] survives the last step).
-    unmask_w = (a_s - a_t) / jnp.maximum(1.0 - a_t, _TINY)
-    unmask_w = jnp.where(at_zero, 1.0, unmask_w)
+    unmask_w = jnp.where(at_zero, 1.0, self._kl_weight(a_s, a_t))
     choice_key, draw_key = jax.random.split(key)
     unmask = ((x_t == self.mask_id)
               & (jax.random.uniform(choice_key, x_t.shape) < unmask_w))
