@@ -427,13 +427,13 @@ def test_selected_ce_weights_fold_the_gradient_into_the_forward(monkeypatch):
 
 
 @pytest.mark.parametrize("process", ["masked", "ar", "d3pm_absorbing",
-                                     "d3pm_uniform", "sedd_uniform",
-                                     "gaussian_vlb"])
+                                     "d3pm_uniform", "gaussian_vlb"])
 def test_process_losses_take_the_folded_gradient(process, monkeypatch):
   """The loss weights these processes pass to the fused head
   (`target_nll`) or the chunked head (`map_logits`) are the ones their
   objectives apply: differentiating the loss never falls back to the
-  recomputing backward (padding included)."""
+  recomputing backward (padding included). sedd_uniform: in
+  tests/test_sedd.py, with its chunked-versus-dense check."""
   from diffusion_text.processes import make_process
   recomputes = _count_recomputes(monkeypatch)
   proc = make_process(process, vocab_size=V)

@@ -26,7 +26,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from diffusion_text.contract import ROW_CHUNK, join_rows, map_rows, split_rows
+from diffusion_text import contract
+from diffusion_text.contract import join_rows, map_rows, split_rows
 
 Array = jax.Array
 
@@ -76,7 +77,7 @@ def map_rows_folded(fn: Callable, shared, rows, weights,
   `shared` and of the float rows.
   """
   n = jax.tree.leaves(rows)[0].shape[0]
-  chunk = min(chunk or ROW_CHUNK, n)
+  chunk = min(chunk or contract.ROW_CHUNK, n)  # looked up at call time
   row_leaves, row_tree = jax.tree.flatten(rows)
   is_float = [_is_float(a) for a in row_leaves]
   float_rows = tuple(a for a, f in zip(row_leaves, is_float) if f)

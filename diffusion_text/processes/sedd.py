@@ -50,6 +50,7 @@ Tweedie denoiser, so no [MASK] remains. The graphs live in `sedd_absorb.py`
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -212,17 +213,24 @@ class _SEDD(base.Process):
                       t_B: Array, weights) -> tuple[Array, Array]:
     """(dwdse, log p_dec(x0 | x_t)) per position [B, L] from the network's
     raw output a chunk of positions at a time (base.map_logits): both are
-    O(K) sums per position, and no [B, L, K] score is ever held. `weights`:
-    the two's weights in the loss, up to one factor (a speed hint)."""
+    O(K) sums per position, and no [B, L, K] score is ever held.
+
+    `weights`: the two's weights in the loss, up to one factor. A term is
+    reported only where its weight is nonzero (0 elsewhere), and the
+    decoder's V-wide passes run only in chunks where some position uses it:
+    each sequence scores either the DWDSE or (with probability `recon_prob`)
+    the decoder, so most chunks skip them (`_sparse_terms`).
+    """
     def terms(raw_NxK, rows):
-      x_t_N, x0_N, t_N = rows
-      score_NxK = self.score_from_raw(raw_NxK, x_t_N, t_N)
-      return (self.dwdse(score_NxK, x_t_N, x0_N, t_N),
-              self.decoder_log_probs(score_NxK, x_t_N, x0_N, t_N))
+      x_t_N, x0_N, t_N, w_dw_N, w_dec_N = rows
+      return _sparse_terms(self, raw_NxK, x_t_N, x0_N, t_N, w_dw_N != 0,
+                           w_dec_N != 0)
 
     t_BxL = jnp.broadcast_to(t_B[:, None], x_t.shape)
+    w_dw, w_dec = (jnp.broadcast_to(w, x_t.shape).astype(jnp.float32)
+                   for w in weights)
     return base.map_logits(denoiser, x_t, self.network_time(t_B), terms,
-                           (x_t, x0, t_BxL), weights=weights)
+                           (x_t, x0, t_BxL, w_dw, w_dec), weights=weights)
 
   def log_score(self, denoiser: base.Denoiser, x_t: Array,
                 t_B: Array) -> Array:
@@ -255,3 +263,48 @@ class _SEDD(base.Process):
              options: SamplingOptions = SamplingOptions()) -> Array:
     del denoiser, options
     return x0
+
+
+def _dwdse_and_decoder(process: _SEDD, raw_NxK: Array, x_t: Array,
+                       x0: Array, t: Array, need_dw: Array, need_dec: Array):
+  """(dwdse, log p_dec) rows, 0 where not needed; the decoder's V-wide
+  work only if some row needs it (`lax.cond`)."""
+  score_NxK = process.score_from_raw(raw_NxK, x_t, t)
+  dw = jnp.where(need_dw, process.dwdse(score_NxK, x_t, x0, t), 0.0)
+  dec = jax.lax.cond(
+      jnp.any(need_dec),
+      lambda: process.decoder_log_probs(score_NxK, x_t, x0, t),
+      lambda: jnp.zeros(need_dec.shape, jnp.float32))
+  return dw, jnp.where(need_dec, dec, 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sparse_terms(process, raw_NxK, x_t, x0, t, need_dw, need_dec):
+  return _dwdse_and_decoder(process, raw_NxK, x_t, x0, t, need_dw, need_dec)
+
+
+def _sparse_terms_fwd(process, raw_NxK, x_t, x0, t, need_dw, need_dec):
+  out = _dwdse_and_decoder(process, raw_NxK, x_t, x0, t, need_dw, need_dec)
+  return out, (raw_NxK, x_t, x0, t, need_dw, need_dec)
+
+
+def _sparse_terms_bwd(process, res, g):
+  """Autodiff of each term, the decoder's only where a row needs it. (A
+  `lax.cond` differentiated by jax carries its [N, K] residuals out of the
+  forward branch; here the backward recomputes from the raw output.)"""
+  raw_NxK, x_t, x0, t, need_dw, need_dec = res
+  g_dw, g_dec = (jnp.where(need, g, 0.0)
+                 for need, g in ((need_dw, g[0]), (need_dec, g[1])))
+
+  def grad(term, cotangent):
+    fn = lambda raw: term(process.score_from_raw(raw, x_t, t), x_t, x0, t)
+    return jax.vjp(fn, raw_NxK)[1](cotangent)[0]
+
+  d_raw = grad(process.dwdse, g_dw)
+  d_raw = jax.lax.cond(jnp.any(need_dec),
+                       lambda d: d + grad(process.decoder_log_probs, g_dec),
+                       lambda d: d, d_raw)
+  return d_raw, None, None, None, None, None  # None: no cotangent
+
+
+_sparse_terms.defvjp(_sparse_terms_fwd, _sparse_terms_bwd)
