@@ -346,3 +346,56 @@ def test_reconstruction_term_is_accurate_and_nonnegative(gamma_min):
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   if gamma_min > -5:  # a soft decoder: non-trivial values are covered too
     assert want.mean() > 0.1
+
+  # The gradient too: through `_reconstruction` (at -13.3 every position is
+  # resolved, the decoder skipped and the term exactly 0) as by autodiff of
+  # `decoder_nll` at every position.
+  def rec(params, skip):
+    den = as_denoiser(nnx.merge(graphdef, params))
+    e_VxD, gamma0 = p.embeddings(den), p.gamma(jnp.array(0.0), den)
+    z0 = alpha_sigma(gamma0)[0] * (jnp.take(e_VxD, tokens, axis=0)
+                                   + jnp.exp(0.5 * gamma0) * eps)
+    fn = p._reconstruction if skip else p.decoder_nll
+    return jnp.sum(fn(z0, tokens, e_VxD, gamma0))
+
+  eps = jnp.asarray(eps, jnp.float32)
+  (v0, g0), (v1, g1) = (jax.jit(jax.value_and_grad(rec), static_argnums=1)(
+      params, skip) for skip in (False, True))
+  np.testing.assert_allclose(v1, v0, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(v1, want.sum(), rtol=1e-4, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-6), g0, g1)
+  if gamma_min < -5:
+    assert float(v1) == 0.0
+
+
+def test_reconstruction_skips_the_decoder_only_when_every_position_is_resolved():
+  """`_reconstruction` with one position far out along its token's
+  embedding (every other logit > RESOLVED_GAP below: exactly 0 in float32)
+  and one halfway between two embeddings (-log p ~ log 2): both values and
+  the gradients in z_0 and the table equal autodiff of `decoder_nll`, so
+  a resolved position never zeroes an unresolved one; all resolved: 0."""
+  p = GaussianVLBProcess(vocab_size=12, latent_dim=8)
+  e_VxD = jax.random.normal(jax.random.key(0), (12, 8))
+  e_VxD = e_VxD / jnp.linalg.norm(e_VxD, axis=-1, keepdims=True)
+  gamma0 = jnp.float32(-2.0)
+  alpha0 = alpha_sigma(gamma0)[0]
+  tokens = jnp.array([[3, 5]])
+  far = 60.0 * e_VxD[3]
+  z0 = alpha0 * jnp.stack([far, 0.5 * (e_VxD[5] + e_VxD[7])])[None]
+
+  def grads(fn, z0):
+    return jax.jit(jax.value_and_grad(
+        lambda z, e: jnp.sum(fn(z, tokens, e, gamma0) * jnp.array([1.0, 2.0])),
+        argnums=(0, 1)))(z0, e_VxD)
+
+  terms = jax.jit(p._reconstruction)(z0, tokens, e_VxD, gamma0)
+  assert float(terms[0, 0]) == 0.0 and 0.3 < float(terms[0, 1]) < 3.0
+  (v0, g0), (v1, g1) = grads(p.decoder_nll, z0), grads(p._reconstruction, z0)
+  np.testing.assert_allclose(v1, v0, rtol=1e-6)
+  for a, b in zip(g0, g1):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  resolved = z0.at[0, 1].set(alpha0 * 60.0 * e_VxD[5])
+  v, g = grads(p._reconstruction, resolved)
+  assert float(v) == 0.0 and all(float(jnp.abs(x).max()) == 0.0 for x in g)
+

@@ -29,7 +29,7 @@ Array = jax.Array
 
 # A softmax entry this far below the top logit is exp(-120) ~ 8e-53: exactly
 # 0 in float32 (the smallest subnormal is 1.4e-45).
-_RESOLVED_GAP = 120.0
+RESOLVED_GAP = 120.0
 
 
 def affine_logits(x_CxD: Array, coef_Cx3: Array, table_VxD: Array,
@@ -149,7 +149,7 @@ def posterior_mean(x_t: Array, coef_Bx3: Array, table_VxD: Array,
 
   `tokens` [B, L] (x_1 in the loss, drawn from these tokens): first check,
   without gradient, whether at every position no base logit but the
-  token's own lies within _RESOLVED_GAP of it, where float32 rounds every
+  token's own lies within RESOLVED_GAP of it, where float32 rounds every
   other softmax entry to exactly 0; then q(. | x_t) is exactly one-hot at
   the token, its softmax gradient exactly 0, and x0_base = E[token], the
   same numbers without the V-way softmax. Otherwise the full softmax, as
@@ -170,7 +170,7 @@ def posterior_mean(x_t: Array, coef_Bx3: Array, table_VxD: Array,
     x_CxD, coef_Cx3, ids_C = rows
     z_CxV = affine_logits(x_CxD, coef_Cx3, table, sq_V)
     own_C1 = jnp.take_along_axis(z_CxV, ids_C[:, None], axis=-1)
-    return jnp.sum(z_CxV > own_C1 - _RESOLVED_GAP, axis=-1)
+    return jnp.sum(z_CxV > own_C1 - RESOLVED_GAP, axis=-1)
 
   near_N = contract.map_rows(
       near, jax.lax.stop_gradient((x_NxD, coef_Nx3, ids_N)))
