@@ -102,6 +102,33 @@ def test_causal_attention_by_gradient():
   assert np.all(_influence_LxL(bidir) > 0)
 
 
+def test_rotary_is_roformer_in_the_half_layout():
+  """`layers.rotary` rotates each pair (x_i, x_{i + H/2}) at position p by
+  the angle p * 10000^(-i / (H/2)) (RoFormer eq. 34, GPT-NeoX layout),
+  against a float64 reference; so <R_p q, R_m k> depends on p - m only."""
+  from diffusion_text.models.layers import rotary
+  b, length, n, h = 2, 9, 3, 8
+  x = np.asarray(jax.random.normal(jax.random.key(0), (b, length, n, h)))
+  half = h // 2
+  theta = 10_000.0 ** (-np.arange(half) / half)
+  ang = np.arange(length)[:, None] * theta                   # [L, H/2]
+  cos, sin = np.cos(ang)[None, :, None], np.sin(ang)[None, :, None]
+  x1, x2 = x[..., :half].astype(np.float64), x[..., half:].astype(np.float64)
+  want = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+  got = np.asarray(rotary(jnp.asarray(x)))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # relative positions: the same q and k at every position
+  q = np.broadcast_to(x[:1, :1], (1, length, n, h))
+  k = np.broadcast_to(x[1:2, :1], (1, length, n, h))
+  rq, rk = (np.asarray(rotary(jnp.asarray(a)), np.float64) for a in (q, k))
+  dots = np.einsum("plnh,pmnh->lmn", rq, rk)                 # [L, L, N]
+  for shift in range(-2, 3):
+    diag = np.stack([dots[i, i + shift] for i in range(max(0, -shift),
+                                                        min(length, length - shift))])
+    np.testing.assert_allclose(diag, np.broadcast_to(diag[:1], diag.shape),
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_time_conditioning_changes_output():
   spec = spec_for("tokens", "logits")
   model = perturb(build_model(spec, CFG, seed=0))

@@ -46,17 +46,22 @@ def modulate(x_BxLxD: Array, shift_BxD: Array, scale_BxD: Array) -> Array:
 
 
 def rotary(x_BxLxNxH: Array, base: float = 10_000.0) -> Array:
-  """Rotate query/key features by position (RoFormer eq. 34, half layout)."""
+  """Rotate query/key features by position (RoFormer eq. 34, half layout).
+
+  With halves x = (x1, x2): (x1 cos - x2 sin, x2 cos + x1 sin), written as
+  x * (cos, cos) + roll(x, H/2) * (-sin, sin): the same numbers, but one
+  fused pass over x in each direction where slicing the halves and
+  concatenating them cost the backbone ~4% of its forward + backward.
+  """
   _, length, _, head_dim = x_BxLxNxH.shape
   half = head_dim // 2
   inv_freq_F = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angle_LxF = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq_F
-  cos_LxF = jnp.cos(angle_LxF)[None, :, None, :]
-  sin_LxF = jnp.sin(angle_LxF)[None, :, None, :]
+  cos_LxF, sin_LxF = jnp.cos(angle_LxF), jnp.sin(angle_LxF)
+  cos_LxH = jnp.concatenate([cos_LxF, cos_LxF], axis=-1)[None, :, None, :]
+  sin_LxH = jnp.concatenate([-sin_LxF, sin_LxF], axis=-1)[None, :, None, :]
   x = x_BxLxNxH.astype(jnp.float32)
-  x1, x2 = x[..., :half], x[..., half:]
-  out = jnp.concatenate([x1 * cos_LxF - x2 * sin_LxF,
-                         x2 * cos_LxF + x1 * sin_LxF], axis=-1)
+  out = x * cos_LxH + jnp.roll(x, half, axis=-1) * sin_LxH
   return out.astype(x_BxLxNxH.dtype)
 
 
