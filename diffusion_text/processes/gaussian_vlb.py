@@ -279,10 +279,11 @@ class GaussianVLBProcess(Process):
       return map_rows(lambda r: self.decoder_nll(r[0], r[1], e_VxD, gamma0),
                       rows).reshape(tokens.shape)
 
+    consts = jax.lax.stop_gradient((e_VxD, gamma0))
+
     def top(r):  # the largest relative logit of another token
       return jnp.max(self._relative_logits(*r, *consts, -jnp.inf), -1)
 
-    consts = jax.lax.stop_gradient((e_VxD, gamma0))
     resolved = jnp.all(map_rows(top, jax.lax.stop_gradient(rows))
                        < -RESOLVED_GAP)
     return jax.lax.cond(resolved, lambda: jnp.zeros(tokens.shape), nll)
