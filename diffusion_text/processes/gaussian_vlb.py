@@ -55,8 +55,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from diffusion_text.contract import map_rows
-from diffusion_text.processes.gaussian_posterior import RESOLVED_GAP
+from diffusion_text.processes import vdm_decoder
+from diffusion_text.processes.vdm_decoder import alpha_sigma
 from diffusion_text.processes.base import (Array, Bound, Denoiser, LossOutput,
                                            ModelSpec, Process, SamplingOptions,
                                            bound_as_loss, make_bound,
@@ -70,11 +70,6 @@ def _unit_rows(e_VxD: Array) -> Array:
 
 # embed_norm -> the map applied to the learned table E [V, D]
 _EMBED_NORMS = {"unit": _unit_rows, "none": lambda e_VxD: e_VxD}
-
-
-def alpha_sigma(gamma: Array) -> tuple[Array, Array]:
-  """VP scales: alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamma)."""
-  return jnp.sqrt(jax.nn.sigmoid(-gamma)), jnp.sqrt(jax.nn.sigmoid(gamma))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,64 +224,19 @@ class GaussianVLBProcess(Process):
 
   def decoder_logits(self, z0_BxLxD: Array, e_VxD: Array,
                      gamma0: Array) -> Array:
-    """VDM's decoder p(w | z_0): -0.5 ||z_0/alpha_0 - e_w||^2 exp(-gamma_0),
-    without the w-independent ||z_0/alpha_0||^2 term."""
-    alpha0, _ = alpha_sigma(gamma0)
-    dot_BxLxV = jnp.einsum("bld,vd->blv", z0_BxLxD / alpha0, e_VxD)
-    return jnp.exp(-gamma0) * (dot_BxLxV - 0.5 * jnp.sum(e_VxD ** 2, -1))
+    """VDM's decoder logits [B, L, V] (`vdm_decoder.logits`)."""
+    return vdm_decoder.logits(z0_BxLxD, e_VxD, gamma0)
 
   def decoder_nll(self, z0_BxLxD: Array, tokens: Array, e_VxD: Array,
                   gamma0: Array) -> Array:
-    """-log p(w | z_0) [B, L] for the `decoder_logits` law, computed from
-    logit differences so that it is accurate and >= 0 in float32.
-
-    With y = z_0 / alpha_0 and d_w = ||y - e_w||^2 the logits are
-    -exp(-gamma_0) d_w / 2 + const, ~1e5 in size at gamma_0 = -13.3, so
-    logsumexp - target in float32 is off by ~0.05 either way. Instead:
-      -log p(w | z_0) = log(1 + sum_{v != w} exp(-exp(-gamma_0)/2 (d_v - d_w)))
-    with d_w taken as a direct sum of squares (accurate where it is tiny)
-    and the target's own term exactly exp(0)."""
-    return jax.nn.logsumexp(
-        self._relative_logits(z0_BxLxD, tokens, e_VxD, gamma0, 0.0), -1)
-
-  def _relative_logits(self, z0_BxLxD: Array, tokens: Array, e_VxD: Array,
-                       gamma0: Array, at_target: float) -> Array:
-    """The decoder's logits minus the target's [B, L, V] (`decoder_nll`),
-    `at_target` at the target itself."""
-    alpha0, _ = alpha_sigma(gamma0)
-    y_BxLxD = z0_BxLxD / alpha0
-    d_BxLxV = (jnp.sum(y_BxLxD ** 2, -1, keepdims=True)
-               - 2.0 * jnp.einsum("bld,vd->blv", y_BxLxD, e_VxD)
-               + jnp.sum(e_VxD ** 2, -1))
-    own_BxL = jnp.sum((y_BxLxD - jnp.take(e_VxD, tokens, axis=0)) ** 2, -1)
-    rel_BxLxV = -0.5 * jnp.exp(-gamma0) * (d_BxLxV - own_BxL[..., None])
-    target_BxLxV = jnp.arange(e_VxD.shape[0]) == tokens[..., None]
-    return jnp.where(target_BxLxV, at_target, rel_BxLxV)
+    """-log p(w | z_0) [B, L], accurate in float32 (`vdm_decoder.nll`)."""
+    return vdm_decoder.nll(z0_BxLxD, tokens, e_VxD, gamma0)
 
   def _reconstruction(self, z0_BxLxD: Array, tokens: Array, e_VxD: Array,
                       gamma0: Array) -> Array:
-    """`decoder_nll` [B, L], a chunk of positions at a time (no [B, L, V]).
-
-    Where every other token's logit lies RESOLVED_GAP or more below the
-    target's at every position (the usual case at gamma_0 = -13.3 with
-    unit-norm embeddings), float32 makes the term and its gradient exactly
-    0; a forward-only pass that finds each position's largest relative
-    logit checks this, and then the decoder (and its backward) is skipped.
-    Otherwise the full computation, as always."""
-    rows = (z0_BxLxD.reshape(-1, 1, self.latent_dim), tokens.reshape(-1, 1))
-
-    def nll():
-      return map_rows(lambda r: self.decoder_nll(r[0], r[1], e_VxD, gamma0),
-                      rows).reshape(tokens.shape)
-
-    consts = jax.lax.stop_gradient((e_VxD, gamma0))
-
-    def top(r):  # the largest relative logit of another token
-      return jnp.max(self._relative_logits(*r, *consts, -jnp.inf), -1)
-
-    resolved = jnp.all(map_rows(top, jax.lax.stop_gradient(rows))
-                       < -RESOLVED_GAP)
-    return jax.lax.cond(resolved, lambda: jnp.zeros(tokens.shape), nll)
+    """`decoder_nll` a chunk at a time, skipped where exactly 0
+    (`vdm_decoder.reconstruction`)."""
+    return vdm_decoder.reconstruction(z0_BxLxD, tokens, e_VxD, gamma0)
 
   def _terms(self, key: Array, denoiser: Denoiser, tokens: Array, mask: Array,
              train: bool) -> dict[str, Array]:
