@@ -222,15 +222,13 @@ class _SEDD(base.Process):
     the decoder, so most chunks skip them (`_sparse_terms`).
     """
     def terms(raw_NxK, rows):
-      x_t_N, x0_N, t_N, w_dw_N, w_dec_N = rows
-      return _sparse_terms(self, raw_NxK, x_t_N, x0_N, t_N, w_dw_N != 0,
-                           w_dec_N != 0)
+      return _sparse_terms(self, raw_NxK, *rows)
 
     t_BxL = jnp.broadcast_to(t_B[:, None], x_t.shape)
-    w_dw, w_dec = (jnp.broadcast_to(w, x_t.shape).astype(jnp.float32)
-                   for w in weights)
+    need_dw, need_dec = (jnp.broadcast_to(w, x_t.shape) != 0 for w in weights)
     return base.map_logits(denoiser, x_t, self.network_time(t_B), terms,
-                           (x_t, x0, t_BxL, w_dw, w_dec), weights=weights)
+                           (x_t, x0, t_BxL, need_dw, need_dec),
+                           weights=weights)
 
   def log_score(self, denoiser: base.Denoiser, x_t: Array,
                 t_B: Array) -> Array:
