@@ -262,43 +262,48 @@ def _train(cfg, workdir, log, hooks, primary) -> dict:
       + (f"in {jax.process_count()} processes " if jax.process_count() > 1 else "")
       + f"({tc.parallel}, {utilisation.dtype} compute); first step compiles")
   t0 = time.time()
-  last = [t0, start]  # time and step of the previous row
-  pending = None  # (step, summed metrics, count, data wait) fetched one step late
+  # Time, step and total data wait where the previous row's interval ended.
+  last = [t0, start, 0.0]
+  pending = None  # (step, summed metrics, count) fetched one step late
   acc, n_acc = None, 0  # device-side sum of metrics since the last log
-  wait = 0.0  # seconds spent waiting for batches since the last log
+  waited = [0.0]  # seconds spent waiting for batches, in total
   step_no = start
   status = "done"
 
   def flush(pending, state_dev):
-    p_step, p_sum, p_count, p_wait = pending
+    p_step, p_sum, p_count = pending
     sums = {k: float(np.mean(v)) for k, v in jax.device_get(p_sum).items()}
     # After the fetch, which waits for the device to finish the step: the
     # interval then holds the device's time, not only the host's dispatch.
     now = time.time()
     diverged(int(sums.pop("streak")), p_step)
     m = {k: v if k == "skipped" else v / p_count for k, v in sums.items()}
-    step_s = max(now - last[0], 1e-9) / max(p_step - last[1], 1)
+    steps = max(p_step - last[1], 1)
+    step_s = max(now - last[0], 1e-9) / steps
+    # The batch waits inside the same interval (the next step's included,
+    # as its wait precedes this flush), so the wait never exceeds the step.
+    wait_s = (waited[0] - last[2]) / steps
     # Compute is the rest of the step: dispatch runs ahead of the device,
     # so time not spent waiting for data is time the device set the pace.
     row = {"step": p_step,
            "elapsed_s": round(writer.time_offset + now - t0, 2),
            "tokens_seen": p_step * tokens_per_step,
            "tokens_per_s": round(tokens_per_step / step_s, 1),
-           "step_s": round(step_s, 5), "data_wait_s": round(p_wait / p_count, 5),
-           "compute_s": round(step_s - p_wait / p_count, 5),
+           "step_s": round(step_s, 5), "data_wait_s": round(wait_s, 5),
+           "compute_s": round(step_s - wait_s, 5),
            **utilisation(1.0 / step_s), **m}
     for hook in all_hooks:
       hook(p_step, state_dev, row)
     # The next interval starts after the hooks: a validation pass is not
     # step time.
-    last[:] = [time.time(), p_step]
+    last[:] = [time.time(), p_step, waited[0]]
 
   try:
     with _Preemption() as preemption:
       while step_no < tc.steps:
         w0 = time.time()
         batch = par.place_batch(next(batches))
-        wait += time.time() - w0
+        waited[0] += time.time() - w0
         key = jax.random.fold_in(base_key, step_no)
         state, metrics = par.step(state, batch, key)
         step_no += 1
@@ -311,8 +316,8 @@ def _train(cfg, workdir, log, hooks, primary) -> dict:
           row_due, pending = pending, None
           flush(row_due, state)
         if step_no % tc.log_every == 0 or step_no == tc.steps or step_no == start + 1:
-          pending = (step_no, acc, n_acc, wait)
-          acc, n_acc, wait = None, 0, 0.0
+          pending = (step_no, acc, n_acc)
+          acc, n_acc = None, 0
         if preemption.reached(step_no):
           status = "preempted"
           log(f"[train] SIGTERM at step {step_no}; saving a checkpoint")
