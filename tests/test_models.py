@@ -129,6 +129,28 @@ def test_rotary_is_roformer_in_the_half_layout():
                                rtol=1e-4, atol=1e-4)
 
 
+
+def test_output_head_is_a_zero_linear_with_its_kernel_stored_out_by_in():
+  """`layers.OutputHead`: kernel [out, in] and bias start at zero, x maps to
+  x @ kernel.T + bias over the last axis, and it draws the same parameter
+  keys as the `nnx.Linear` it replaces (later parameters keep their
+  initial values)."""
+  from diffusion_text.models.layers import OutputHead
+  r_head, r_linear = nnx.Rngs(0), nnx.Rngs(0)
+  head = OutputHead(5, 7, dtype=jnp.float32, rngs=r_head)
+  nnx.Linear(5, 7, kernel_init=nnx.initializers.zeros, rngs=r_linear)
+  assert head.kernel.shape == (7, 5) and head.bias.shape == (7,)
+  assert not np.any(head.kernel[...]) and not np.any(head.bias[...])
+  np.testing.assert_array_equal(jax.random.key_data(r_head.params()),
+                                jax.random.key_data(r_linear.params()))
+  ks = jax.random.split(jax.random.key(1), 3)
+  head.kernel[...] = jax.random.normal(ks[0], (7, 5))
+  head.bias[...] = jax.random.normal(ks[1], (7,))
+  x = jax.random.normal(ks[2], (2, 3, 5))
+  want = (np.asarray(x, np.float64) @ np.asarray(head.kernel[...]).T
+          + np.asarray(head.bias[...]))
+  np.testing.assert_allclose(head(x), want, rtol=1e-5, atol=1e-5)
+
 def test_time_conditioning_changes_output():
   spec = spec_for("tokens", "logits")
   model = perturb(build_model(spec, CFG, seed=0))
@@ -263,12 +285,12 @@ def test_selected_cross_entropy_matches_dense_value_and_grad():
   several chunks, a partial last chunk, and no rows at all."""
   n, d, v = 23, 8, 13
   ks = jax.random.split(jax.random.key(0), 5)
-  h, w = jax.random.normal(ks[0], (n, d)), jax.random.normal(ks[1], (d, v))
+  h, w = jax.random.normal(ks[0], (n, d)), jax.random.normal(ks[1], (v, d))
   b, g = jax.random.normal(ks[2], (v,)), jax.random.normal(ks[3], (n,))
   target = jax.random.randint(ks[4], (n,), 0, v)
 
   def dense(h, w, b, where):
-    logits = h @ w + b
+    logits = h @ w.T + b  # the kernel is [V, D]
     tgt = jnp.take_along_axis(logits, target[:, None], -1)[:, 0]
     return jnp.where(where, jax.nn.logsumexp(logits, -1) - tgt, 0.0)
 
@@ -370,13 +392,13 @@ def _ce_and_lse_case(seed, n, d=8, v=13):
   """A head (h [n, d], w, b), targets, every third row unselected, the dense
   (CE, logsumexp) at the selected rows and two random [n] vectors."""
   ks = jax.random.split(jax.random.key(seed), 6)
-  h, w = jax.random.normal(ks[0], (n, d)), jax.random.normal(ks[1], (d, v))
+  h, w = jax.random.normal(ks[0], (n, d)), jax.random.normal(ks[1], (v, d))
   b, target = jax.random.normal(ks[2], (v,)), jax.random.randint(
       ks[3], (n,), 0, v)
   where = jnp.arange(n) % 3 != 0
 
   def dense(h, w, b):
-    logits = h @ w + b
+    logits = h @ w.T + b
     lse = jax.nn.logsumexp(logits, -1)
     ce = lse - jnp.take_along_axis(logits, target[:, None], -1)[:, 0]
     return jnp.where(where, ce, 0.0), jnp.where(where, lse, 0.0)

@@ -33,8 +33,9 @@ from diffusion_text.models.cross_entropy import (chunk_logits,
                                                  selected_ce_and_lse,
                                                  selected_cross_entropy)
 from diffusion_text.models.folded import map_rows_folded
-from diffusion_text.models.layers import (MLP, Attention, apply_flat,
-                                          dense_init, layer_norm, modulate)
+from diffusion_text.models.layers import (MLP, Attention, OutputHead,
+                                          apply_flat, dense_init, layer_norm,
+                                          modulate)
 from diffusion_text.contract import ModelSpec, map_rows
 
 Array = jax.Array
@@ -99,10 +100,9 @@ class Transformer(nnx.Module):
     zeros = nnx.initializers.zeros
     self.final_ada = nnx.Linear(cfg.cond_dim, 2 * d, kernel_init=zeros,
                                 dtype=self.dtype, rngs=rngs)
-    # Zero-initialised head (DiT); bf16 matmul with a float32 result.
-    self.head = nnx.Linear(d, spec.output_dim, kernel_init=zeros,
-                           dtype=self.dtype,
-                           preferred_element_type=jnp.float32, rngs=rngs)
+    # Zero-initialised head (DiT), kernel [output_dim, d]; bf16 matmul with a
+    # float32 result.
+    self.head = OutputHead(d, spec.output_dim, dtype=self.dtype, rngs=rngs)
 
     if spec.embed_vocab:
       # Unit variance per coordinate, i.e. the scale of the unit-variance
@@ -117,7 +117,7 @@ class Transformer(nnx.Module):
                self_cond: Optional[Array] = None) -> Array:
     """x: int32 [B, L] ids or float [B, L, latent_dim]; t: [B] -> float32."""
     h_BxLxD = self._features(x, t_B, self_cond)
-    return apply_flat(self.head, h_BxLxD).astype(jnp.float32)
+    return self.head(h_BxLxD)
 
   def target_nll(self, x: Array, t_B: Array, target_BxL: Array,
                  where_BxL: Array, weights: Optional[Array] = None) -> Array:
@@ -148,7 +148,7 @@ class Transformer(nnx.Module):
     b, length, d = h_BxLxD.shape
     flat = lambda a: jnp.broadcast_to(a, (b, length)).reshape(-1)
     ce_N, lse_N = selected_ce_and_lse(
-        h_BxLxD.reshape(b * length, d), self.head.kernel[:, :classes],
+        h_BxLxD.reshape(b * length, d), self.head.kernel[:classes],
         self.head.bias[:classes], target_BxL.reshape(-1),
         where_BxL.reshape(-1), dtype=self.dtype,
         weights=None if weights is None else tuple(map(flat, weights)))
@@ -170,7 +170,7 @@ class Transformer(nnx.Module):
       raise ValueError("map_logits needs a logits head")
     h_BxLxD = self._features(x, t_B, self_cond)
     b, length, d = h_BxLxD.shape
-    kernel_DxV, bias_V = self.head.kernel[...], self.head.bias[...]
+    kernel_VxD, bias_V = self.head.kernel[...], self.head.bias[...]
     flat = lambda a: a.reshape(b * length, *a.shape[2:])
     rows_N = (h_BxLxD.reshape(b * length, d), jax.tree.map(flat, rows))
 
@@ -179,9 +179,9 @@ class Transformer(nnx.Module):
       return fn(chunk_logits(h_CxD, *head, self.dtype), rows_C)
 
     if weights is None:
-      out = map_rows(functools.partial(chunk, (kernel_DxV, bias_V)), rows_N)
+      out = map_rows(functools.partial(chunk, (kernel_VxD, bias_V)), rows_N)
     else:
-      out = map_rows_folded(chunk, (kernel_DxV, bias_V), rows_N,
+      out = map_rows_folded(chunk, (kernel_VxD, bias_V), rows_N,
                             jax.tree.map(flat, weights))
     return jax.tree.map(lambda a: a.reshape(b, length, *a.shape[1:]), out)
 
@@ -244,7 +244,7 @@ class Transformer(nnx.Module):
     b, length, d = x_BxLxD.shape
     table_VxD = self.token_embedding[...]
     ce_N = selected_cross_entropy(
-        x_BxLxD.reshape(b * length, d).astype(jnp.float32), table_VxD.T,
+        x_BxLxD.reshape(b * length, d).astype(jnp.float32), table_VxD,
         jnp.zeros(table_VxD.shape[:1], jnp.float32), target_BxL.reshape(-1),
         jnp.ones((b * length,), bool))
     return ce_N.reshape(b, length)

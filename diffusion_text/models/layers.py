@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffusion_text.models.cross_entropy import chunk_logits
+
 Array = jax.Array
 
 # DiT initialises every linear layer with Xavier-uniform.
@@ -63,6 +65,32 @@ def rotary(x_BxLxNxH: Array, base: float = 10_000.0) -> Array:
   x = x_BxLxNxH.astype(jnp.float32)
   out = x * cos_LxH + jnp.roll(x, half, axis=-1) * sin_LxH
   return out.astype(x_BxLxNxH.dtype)
+
+
+class OutputHead(nnx.Module):
+  """Zero-initialised linear head x @ kernel.T + bias (DiT's final layer).
+
+  The kernel is stored [out, in], the layout of an embedding table, not
+  `nnx.Linear`'s [in, out]: the chunked heads (`models.cross_entropy`,
+  `Denoiser.map_logits`) form its gradient a chunk of positions at a time,
+  and XLA:CPU forms that gradient ~1.4x faster as [V, D] than as [D, V];
+  stored so, it needs no transpose in either pass. The matmul runs in
+  `dtype` with a float32 result.
+  """
+
+  def __init__(self, d_in: int, d_out: int, *, dtype: jnp.dtype,
+               rngs: nnx.Rngs):
+    zeros = nnx.initializers.zeros
+    # The two keys nnx.Linear draws, so later parameters keep their values.
+    self.kernel = nnx.Param(zeros(rngs.params(), (d_out, d_in), jnp.float32))
+    self.bias = nnx.Param(zeros(rngs.params(), (d_out,), jnp.float32))
+    self.dtype = dtype
+
+  def __call__(self, x: Array) -> Array:
+    """x [..., in] -> float32 [..., out], as one [N, in] x [in, out] matmul."""
+    out_NxV = chunk_logits(x.reshape(-1, x.shape[-1]), self.kernel[...],
+                           self.bias[...], self.dtype)
+    return out_NxV.reshape(*x.shape[:-1], -1)
 
 
 class Attention(nnx.Module):
