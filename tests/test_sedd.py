@@ -291,7 +291,7 @@ def test_uniform_bound_through_the_chunked_head_is_the_dense_formula(
   # t_min = 0.3: the decoder works on noisy tokens, so its gradient counts.
   p = _process("sedd_uniform", recon_prob=0.3, t_min=0.3)
   b, length = 8, 6
-  monkeypatch.setattr(contract, "ROW_CHUNK", length)
+  monkeypatch.setattr(contract, "LIGHT_ROW_CHUNK", length)  # one per chunk
   recomputes = []
   monkeypatch.setattr(folded, "warn_recomputed",
                       lambda *a: recomputes.append(a))

@@ -38,8 +38,8 @@ Array = jax.Array
 
 # Selected rows per chunk: [256, 10k] float32 logits are 10 MB. On a 2-core
 # CPU 256 ran the masked and AR steps 3-4% faster than 128 (fewer [V, D]
-# gradient accumulations, larger matmuls) and 512 no faster; the chunked
-# row maps (`contract.ROW_CHUNK`) stay at 128, where 256 was slower.
+# gradient accumulations, larger matmuls) and 512 no faster. The chunked
+# row maps take `contract.ROW_CHUNK` (128) or `LIGHT_ROW_CHUNK` (256).
 CHUNK = 256
 
 

@@ -155,7 +155,8 @@ class Transformer(nnx.Module):
     return ce_N.reshape(b, length), lse_N.reshape(b, length)
 
   def map_logits(self, x: Array, t_B: Array, fn, rows,
-                 self_cond: Optional[Array] = None, weights=None):
+                 self_cond: Optional[Array] = None, weights=None,
+                 chunk: Optional[int] = None):
     """fn(logits [C, V], rows of C positions) over chunks of positions.
 
     Equals `fn(self(x, t_B, self_cond).reshape(B * L, V), rows flattened)`
@@ -164,7 +165,8 @@ class Transformer(nnx.Module):
     `weights` (optional; a pytree like fn's output of [B, L, ...] arrays):
     the weight the caller's loss gives each output, up to one factor; the
     gradient is then formed in the forward pass (`models.folded`), saving
-    each chunk's recomputation. Processes reach it as `Denoiser.map_logits`.
+    each chunk's recomputation. `chunk`: positions per chunk (default
+    `contract.ROW_CHUNK`). Processes reach it as `Denoiser.map_logits`.
     """
     if self.spec.output != "logits":
       raise ValueError("map_logits needs a logits head")
@@ -174,15 +176,16 @@ class Transformer(nnx.Module):
     flat = lambda a: a.reshape(b * length, *a.shape[2:])
     rows_N = (h_BxLxD.reshape(b * length, d), jax.tree.map(flat, rows))
 
-    def chunk(head, args):
+    def chunk_fn(head, args):
       h_CxD, rows_C = args
       return fn(chunk_logits(h_CxD, *head, self.dtype), rows_C)
 
     if weights is None:
-      out = map_rows(functools.partial(chunk, (kernel_VxD, bias_V)), rows_N)
+      out = map_rows(functools.partial(chunk_fn, (kernel_VxD, bias_V)), rows_N,
+                     chunk)
     else:
-      out = map_rows_folded(chunk, (kernel_VxD, bias_V), rows_N,
-                            jax.tree.map(flat, weights))
+      out = map_rows_folded(chunk_fn, (kernel_VxD, bias_V), rows_N,
+                            jax.tree.map(flat, weights), chunk)
     return jax.tree.map(lambda a: a.reshape(b, length, *a.shape[1:]), out)
 
   def _features(self, x: Array, t_B: Array,

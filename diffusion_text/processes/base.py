@@ -95,7 +95,7 @@ def target_lse(denoiser: Denoiser, x_t: Array, t_B: Array,
 
 
 def map_logits(denoiser: Denoiser, x_t: Array, t_B: Array, fn, rows,
-               weights=None, **predict_kwargs):
+               weights=None, chunk=None, **predict_kwargs):
   """fn(logits [N, V], rows [N, ...]) per position, as pytrees of [B, L, ...].
 
   For losses that need vocabulary-sized sums at every position (uniform
@@ -105,10 +105,11 @@ def map_logits(denoiser: Denoiser, x_t: Array, t_B: Array, fn, rows,
   logits of `predict`. `fn` must act row by row. `weights` (optional, a
   speed hint like `target_nll`'s): a pytree like fn's output of [B, L, ...]
   arrays, the weight the caller's loss gives each output, up to one factor.
+  `chunk`: positions per chunk (default `contract.ROW_CHUNK`; a speed knob).
   """
   if denoiser.map_logits is not None:
     return denoiser.map_logits(x_t, t_B, fn, rows, weights=weights,
-                               **predict_kwargs)
+                               chunk=chunk, **predict_kwargs)
   logits_BxLxV = denoiser.predict(x_t, t_B, **predict_kwargs)
   b, length, vocab = logits_BxLxV.shape
   flat = lambda a: a.reshape(b * length, *a.shape[2:])

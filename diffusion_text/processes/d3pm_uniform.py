@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import xlogy
 
+from diffusion_text import contract
 from diffusion_text.processes import transitions
 from diffusion_text.processes.base import map_logits
 from diffusion_text.processes.categorical import (_TINY, D3PM, _draw_where,
@@ -76,7 +77,8 @@ class D3PMUniform(D3PM):
 
     rows = (x_t, x0, jnp.broadcast_to(a_s, x_t.shape),
             jnp.broadcast_to(a_t, x_t.shape))
-    return map_logits(denoiser, x_t, t_B, terms, rows, weights=weights)
+    return map_logits(denoiser, x_t, t_B, terms, rows, weights=weights,
+                      chunk=contract.LIGHT_ROW_CHUNK)
 
   def _prior_kl(self, a_T):
     v = self.vocab_size

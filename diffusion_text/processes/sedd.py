@@ -55,6 +55,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from diffusion_text import contract
 from diffusion_text.processes import base, draws
 from diffusion_text.processes.base import SamplingOptions
 from diffusion_text.processes.schedules import (Schedule, check_schedule,
@@ -228,7 +229,7 @@ class _SEDD(base.Process):
     need_dw, need_dec = (jnp.broadcast_to(w, x_t.shape) != 0 for w in weights)
     return base.map_logits(denoiser, x_t, self.network_time(t_B), terms,
                            (x_t, x0, t_BxL, need_dw, need_dec),
-                           weights=weights)
+                           weights=weights, chunk=contract.LIGHT_ROW_CHUNK)
 
   def log_score(self, denoiser: base.Denoiser, x_t: Array,
                 t_B: Array) -> Array:
