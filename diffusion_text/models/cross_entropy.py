@@ -3,8 +3,8 @@
 DESIGN.md section 8: the 10k-way output head and its softmax dominate a
 train step when run densely. `selected_cross_entropy` computes
 
-  ce[n] = logsumexp(h[n] @ W.T + b) - (h[n] @ W.T + b)[target[n]]   if where[n]
-  ce[n] = 0                                                          otherwise
+  ce[n] = logsumexp(z[n]) - z[n][target[n]]   if where[n],  z = h @ W.T + b
+  ce[n] = 0                                    otherwise
 
 without ever holding [N, V] logits: the selected rows are packed to the
 front and processed in chunks of `chunk` rows by a loop whose trip count is
