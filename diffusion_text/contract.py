@@ -109,8 +109,10 @@ def cross_entropy(logits_BxLxV: Array, target_BxL: Array) -> Array:
 ROW_CHUNK = 128  # positions per chunk: a [128, 10k] float32 block is 5 MB
 # Positions per chunk of a chunked head (`Denoiser.map_logits`) whose row
 # function holds only a few V-wide temporaries (the uniform D3PM and SEDD
-# terms): their train steps ran 3-4% faster at 256 than at 128 on a 2-core
-# CPU, where gaussian_vlb's heavier x0-hat ran 3% slower.
+# terms): at the benchmark size (d = 256, V = 10k) their train steps ran
+# 3-4% faster at 256 than at 128 on a 2-core CPU, where gaussian_vlb's
+# heavier x0-hat ran 3% slower; at the demo's d = 128, where the head's
+# matmul is half as large next to the V-wide work, 256 ran 0-4% slower.
 LIGHT_ROW_CHUNK = 256
 
 
