@@ -266,7 +266,7 @@ def _train(cfg, workdir, log, hooks, primary) -> dict:
   last = [t0, start, 0.0]
   pending = None  # (step, summed metrics, count) fetched one step late
   acc, n_acc = None, 0  # device-side sum of metrics since the last log
-  waited = [0.0]  # seconds spent waiting for batches, in total
+  waited = 0.0  # seconds spent waiting for batches, in total
   step_no = start
   status = "done"
 
@@ -282,7 +282,7 @@ def _train(cfg, workdir, log, hooks, primary) -> dict:
     step_s = max(now - last[0], 1e-9) / steps
     # The batch waits inside the same interval (the next step's included,
     # as its wait precedes this flush), so the wait never exceeds the step.
-    wait_s = (waited[0] - last[2]) / steps
+    wait_s = (waited - last[2]) / steps
     # Compute is the rest of the step: dispatch runs ahead of the device,
     # so time not spent waiting for data is time the device set the pace.
     row = {"step": p_step,
@@ -296,14 +296,14 @@ def _train(cfg, workdir, log, hooks, primary) -> dict:
       hook(p_step, state_dev, row)
     # The next interval starts after the hooks: a validation pass is not
     # step time.
-    last[:] = [time.time(), p_step, waited[0]]
+    last[:] = [time.time(), p_step, waited]
 
   try:
     with _Preemption() as preemption:
       while step_no < tc.steps:
         w0 = time.time()
         batch = par.place_batch(next(batches))
-        waited[0] += time.time() - w0
+        waited += time.time() - w0
         key = jax.random.fold_in(base_key, step_no)
         state, metrics = par.step(state, batch, key)
         step_no += 1
