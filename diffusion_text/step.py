@@ -128,27 +128,38 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, *, graphdef,
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
     loss, metrics = jax.lax.pmean((loss, metrics), axis_name)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema = _ema_update(state.ema, params, state.step, ema_decay)
   grad_norm = optax.tree.norm(grads)
-  new = _keep_if_finite(state, loss, grad_norm, params, opt_state, ema)
+
+  def update(parts):
+    params, opt_state, ema = parts
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, _ema_update(ema, params, state.step, ema_decay)
+
+  new = _update_if_finite(state, loss, grad_norm, update)
   metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
                  skipped=(new.streak > 0).astype(jnp.float32),
                  streak=new.streak.astype(jnp.float32))
   return new, metrics
 
 
-def _keep_if_finite(state: TrainState, loss, grad_norm, params, opt_state,
-                    ema) -> TrainState:
-  """The updated state, or `state` itself if the loss or gradient norm is
-  non-finite (a NaN/inf step is skipped on device; no host sync). A finite
-  step selects the update bit for bit."""
+def _update_if_finite(state: TrainState, loss, grad_norm, update
+                      ) -> TrainState:
+  """`state` advanced by `update((params, opt_state, ema))`, or left as it
+  is if the loss or gradient norm is non-finite (a NaN/inf step is skipped
+  on device; no host sync). A finite step is the update bit for bit.
+
+  The update runs inside `lax.cond` rather than being computed and then
+  selected against the old state: around a select XLA:CPU copied every
+  donated parameter and optimizer buffer (~150 copies, ~3% of the step's
+  operation time); under the cond the update writes in place and the skip
+  branch passes the buffers through.
+  """
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  pick = lambda new, old: jax.tree.map(
-      lambda n, o: jnp.where(ok, n, o), new, old)
-  return TrainState(state.step + 1, pick(params, state.params),
-                    pick(opt_state, state.opt_state), pick(ema, state.ema),
+  params, opt_state, ema = jax.lax.cond(
+      ok, update, lambda parts: parts,
+      (state.params, state.opt_state, state.ema))
+  return TrainState(state.step + 1, params, opt_state, ema,
                     state.skipped + (~ok).astype(jnp.int32),
                     jnp.where(ok, 0, state.streak + 1).astype(jnp.int32))
 

@@ -74,18 +74,21 @@ def trained(tmp_path_factory):
 def test_a_nonfinite_step_is_skipped_and_a_finite_one_is_bit_exact():
   params = {"w": jnp.arange(4.0)}
   state = step_lib.init_state(params, optax.sgd(0.1))
-  new = ({"w": params["w"] + 1.5}, state.opt_state, {"w": params["w"] * 2})
+  update = lambda parts: ({"w": parts[0]["w"] + 1.5}, parts[1],
+                          {"w": parts[0]["w"] * 2})
+  guarded = jax.jit(step_lib._update_if_finite, static_argnums=3)
   for bad in (jnp.nan, jnp.inf):
-    skipped = step_lib._keep_if_finite(state, jnp.float32(bad), 1.0, *new)
+    skipped = guarded(state, jnp.float32(bad), 1.0, update)
     np.testing.assert_array_equal(skipped.params["w"], params["w"])
     np.testing.assert_array_equal(skipped.ema["w"], params["w"])
     assert (int(skipped.step), int(skipped.skipped), int(skipped.streak)) == (1, 1, 1)
-    twice = step_lib._keep_if_finite(skipped, 1.0, jnp.float32(bad), *new)
+    twice = guarded(skipped, 1.0, jnp.float32(bad), update)
     assert (int(twice.skipped), int(twice.streak)) == (2, 2)
-  kept = step_lib._keep_if_finite(twice, 0.5, 2.0, *new)
-  assert kept.params["w"].tobytes() == new[0]["w"].tobytes()
-  assert kept.ema["w"].tobytes() == new[2]["w"].tobytes()
-  assert (int(kept.skipped), int(kept.streak)) == (2, 0)  # streak resets
+  kept = guarded(twice, 0.5, 2.0, update)
+  want = update((params, state.opt_state, state.ema))
+  assert kept.params["w"].tobytes() == want[0]["w"].tobytes()
+  assert kept.ema["w"].tobytes() == want[2]["w"].tobytes()
+  assert (int(kept.step), int(kept.skipped), int(kept.streak)) == (3, 2, 0)  # streak resets
   assert not bool(step_lib.all_finite({"a": jnp.ones(2), "b": jnp.array([1., jnp.nan])}))
   assert bool(step_lib.all_finite({"a": jnp.ones(2), "i": jnp.arange(3)}))
 
@@ -164,9 +167,11 @@ def test_a_checkpoint_is_never_written_from_nonfinite_parameters(
   # Should the parameters still turn non-finite (here the guard is switched
   # off and every gradient is NaN), no checkpoint is written.
   _poison(monkeypatch, from_step=1)
-  monkeypatch.setattr(step_lib, "_keep_if_finite",
-                      lambda state, loss, gnorm, p, o, e: step_lib.TrainState(
-                          state.step + 1, p, o, e, state.skipped, state.streak))
+  monkeypatch.setattr(step_lib, "_update_if_finite",
+                      lambda state, loss, gnorm, update: step_lib.TrainState(
+                          state.step + 1,
+                          *update((state.params, state.opt_state, state.ema)),
+                          state.skipped, state.streak))
   wd = tmp_path / "nan"
   with pytest.raises(train.TrainingDiverged, match="parameters are non-finite "
                      "at step 4; no checkpoint written"):
