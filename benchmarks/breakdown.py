@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks import run
-from diffusion_text import contract
+from diffusion_text import contract, host_memory
 from diffusion_text.models import as_denoiser
 
 CALLABLES = ("predict", "target_nll", "round_logits", "round_nll", "embed",
@@ -169,6 +169,7 @@ def main(argv=None) -> int:
   p.add_argument("--ab", action="store_true",
                  help="only the chunked-vs-dense loss gradient A/B")
   args = p.parse_args(argv)
+  host_memory.keep_mapped()  # as the trainer's CLI; before JAX starts
   shape = run.SMOKE if args.smoke else run.Shape()
   rows = []
   for name in args.processes:

@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_text import config as config_lib, flops, monitoring, run as run_lib
-from diffusion_text import binding, sampling, sharding, step as step_lib
+from diffusion_text import binding, host_memory, sampling, sharding, step as step_lib
 from diffusion_text.models import as_denoiser, count_params
 
 PROCESSES = ("masked", "sedd_absorb", "gaussian_vlb", "ar")
@@ -174,6 +174,7 @@ def main(argv=None) -> int:
                  choices=config_lib.COMPUTE_DTYPES[1:])
   p.add_argument("--out", default="benchmarks/device_results.json")
   args = p.parse_args(argv)
+  host_memory.keep_mapped()  # as the trainer's CLI; before JAX starts
   size = SMOKE if args.smoke else Size()
   if args.batch:
     size = dataclasses.replace(size, batch=args.batch)

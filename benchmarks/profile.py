@@ -35,6 +35,7 @@ import time
 import jax
 
 from benchmarks import run
+from diffusion_text import host_memory
 
 _RUNTIME = ("ThunkExecutor", "$", "Slinky", "Pjit", "PjRt", "TfrtCpu",
             "CommonPjRt", "Execute")
@@ -115,6 +116,7 @@ def main(argv=None) -> int:
   p.add_argument("--smoke", action="store_true")
   p.add_argument("--out", default=None, help="also write JSON here")
   args = p.parse_args(argv)
+  host_memory.keep_mapped()  # as the trainer's CLI; before JAX starts
   shape = run.SMOKE if args.smoke else run.Shape()
   rows = []
   for name in args.processes:

@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_text import config as config_lib, flops, processes, sampling
-from diffusion_text import binding, run as run_lib, train
+from diffusion_text import binding, host_memory, run as run_lib, train
 from diffusion_text.models import as_denoiser, count_params
 
 # Sampler variants per process: (label, value of the sampler choice or None
@@ -331,6 +331,7 @@ def host_info() -> dict:
           "devices": jax.device_count(), "platform": platform.platform(),
           "python": platform.python_version(),
           "xla_flags": os.environ.get("XLA_FLAGS"),
+          "host_malloc": host_memory.mode(),
           "load_avg_1m": (round(os.getloadavg()[0], 2)
                           if hasattr(os, "getloadavg") else None)}
 
@@ -421,6 +422,7 @@ def main(argv=None) -> int:
   p.add_argument("--no-count-calls", action="store_true",
                  help="skip the untimed run that counts network calls")
   args = p.parse_args(argv)
+  host_memory.keep_mapped()  # as the trainer's CLI; before JAX starts
   shape = SMOKE if args.smoke else Shape()
   steps = min(args.steps, 2) if args.smoke else args.steps
 

@@ -8,6 +8,8 @@ import os
 import pathlib
 import sys
 
+from diffusion_text import host_memory
+
 
 def _common_data_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--data-dir", help="corpora directory (default: "
@@ -323,6 +325,7 @@ def main(argv=None) -> int:
   from diffusion_text.workdir import WorkdirBusy, WriteError
   args = _parser().parse_args(argv)
   try:
+    host_memory.keep_mapped()  # before JAX starts its CPU backend
     return COMMANDS[args.command](args)
   except KeyboardInterrupt:
     return EXIT_INTERRUPTED

@@ -15,7 +15,7 @@ import argparse
 import sys
 import time
 
-from diffusion_text import train
+from diffusion_text import host_memory, train
 from diffusion_text.eval import compare
 
 DEMO = ("ar", "d3pm_absorbing", "d3pm_uniform", "gaussian")
@@ -33,6 +33,7 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, default=None, help="steps per process")
   p.add_argument("--set", dest="overrides", action="append", default=[])
   args = p.parse_args(argv)
+  host_memory.keep_mapped()  # before JAX starts its CPU backend
 
   names = ALL if args.all else DEMO
   t_start = time.time()

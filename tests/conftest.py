@@ -5,6 +5,11 @@ import pathlib
 
 import pytest
 
+from diffusion_text import host_memory
+
+# As the CLI does, before JAX starts its CPU backend (diffusion_text/host_memory.py).
+host_memory.keep_mapped()
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DATA = pathlib.Path(os.environ.get("DIFFUSION_TEXT_DATA",
                                    REPO.parent / "shared" / "data"))

@@ -1,6 +1,6 @@
 """Imports flow one way (DESIGN.md section 6, STYLE.md item 11).
 
-  config, workdir -> data -> contract -> models / processes -> step, sharding,
+  host_memory, fields -> config, workdir -> data -> contract -> models / processes -> step, sharding,
   checkpoint, distributed, sampling, flops, binding -> run -> eval,
   importer -> monitoring -> train -> demo / cli
 
@@ -20,6 +20,7 @@ PKG = pathlib.Path(__file__).resolve().parent.parent / "diffusion_text"
 # layers (or its own part). Same layer, different part: not allowed.
 LAYER = {
     "fields": -1,  # field specs and their checks (standard library only)
+    "host_memory": -1,  # the host allocator (standard library; jax lazily)
     "config": 0, "workdir": 0,
     "data": 1,
     "contract": 2,
