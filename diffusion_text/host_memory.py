@@ -6,7 +6,7 @@ frees them when it returns. glibc serves an allocation above its mmap
 threshold (32 MB at most) with a fresh mmap and returns it with munmap, so
 every step page-faults its whole working set again: the kernel zeroes and
 maps each 4 KiB page on first touch, ~170,000 faults per `masked` train
-step at the benchmark size, 15-18% of the step's time.
+step at the benchmark size, 11-18% of the step's time.
 
 `keep_mapped()` makes glibc extend its heap instead of mapping (mallopt
 M_MMAP_MAX = 0) and never give heap pages back (M_TRIM_THRESHOLD = -1), so
