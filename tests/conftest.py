@@ -7,7 +7,7 @@ import pytest
 
 from diffusion_text import host_memory
 
-# As the CLI does, before JAX starts its CPU backend (diffusion_text/host_memory.py).
+# As the CLI does, before JAX starts its CPU backend (host_memory.py).
 host_memory.keep_mapped()
 
 REPO = pathlib.Path(__file__).resolve().parent.parent

@@ -88,7 +88,8 @@ def test_a_nonfinite_step_is_skipped_and_a_finite_one_is_bit_exact():
   want = update((params, state.opt_state, state.ema))
   assert kept.params["w"].tobytes() == want[0]["w"].tobytes()
   assert kept.ema["w"].tobytes() == want[2]["w"].tobytes()
-  assert (int(kept.step), int(kept.skipped), int(kept.streak)) == (3, 2, 0)  # streak resets
+  # The streak resets; the count of skipped steps stays.
+  assert (int(kept.step), int(kept.skipped), int(kept.streak)) == (3, 2, 0)
   assert not bool(step_lib.all_finite({"a": jnp.ones(2), "b": jnp.array([1., jnp.nan])}))
   assert bool(step_lib.all_finite({"a": jnp.ones(2), "i": jnp.arange(3)}))
 

@@ -1,8 +1,8 @@
 """Imports flow one way (DESIGN.md section 6, STYLE.md item 11).
 
-  host_memory, fields -> config, workdir -> data -> contract -> models / processes -> step, sharding,
-  checkpoint, distributed, sampling, flops, binding -> run -> eval,
-  importer -> monitoring -> train -> demo / cli
+  fields, host_memory -> config, workdir -> data -> contract -> models /
+  processes -> step, sharding, checkpoint, distributed, sampling, flops,
+  binding -> run -> eval, importer -> monitoring -> train -> demo / cli
 
 Every module under diffusion_text/ is parsed (not imported), and each of its
 imports of the package, at any depth in the file, must point to a lower
