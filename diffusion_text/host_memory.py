@@ -29,7 +29,6 @@ musl) it does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from typing import Mapping
 
@@ -46,7 +45,7 @@ _state = {"mode": None}
 def _glibc():
   """The process's glibc, or None (another C library)."""
   try:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = ctypes.CDLL(None)  # the loaded C library; no library search
     libc.gnu_get_libc_version  # only glibc has it
     return libc
   except (OSError, AttributeError):
