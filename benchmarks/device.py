@@ -34,7 +34,8 @@ import numpy as np
 from flax import nnx
 
 from diffusion_text import config as config_lib, flops, monitoring, run as run_lib
-from diffusion_text import binding, host_memory, sampling, sharding, step as step_lib
+from diffusion_text import binding, host_memory, sampling, sharding
+from diffusion_text import step as step_lib
 from diffusion_text.models import as_denoiser, count_params
 
 PROCESSES = ("masked", "sedd_absorb", "gaussian_vlb", "ar")
