@@ -146,10 +146,14 @@ def test_bound_with_oracle_is_at_least_the_entropy(base_logits):
   assert abs(nll - L * ENTROPY) < 0.2 * L
 
 
-def test_base_logits_give_the_bayes_posterior():
+@pytest.mark.parametrize("embed_norm", ["unit", "none"])
+def test_base_logits_give_the_bayes_posterior(embed_norm):
   """Network log pi + the process's Gaussian logits = the brute-force
-  posterior log pi(w) - ||z - alpha e_w||^2 / (2 sigma^2): same bound."""
-  with_base = GaussianVLBProcess(vocab_size=V, latent_dim=D)
+  posterior log pi(w) - ||z - alpha e_w||^2 / (2 sigma^2): same bound.
+  With unit rows the ||e_w||^2 term is the same for every w; "none" keeps
+  the table's own norms, so it is checked too."""
+  with_base = GaussianVLBProcess(vocab_size=V, latent_dim=D,
+                                 embed_norm=embed_norm)
   brute = dataclasses.replace(with_base, base_logits=False)
   tokens, mask = _iid_tokens(jax.random.key(21)), jnp.ones((B, L))
   k = jax.random.key(22)

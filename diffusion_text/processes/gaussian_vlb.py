@@ -164,9 +164,14 @@ class GaussianVLBProcess(Process):
     # alpha / sigma^2 = alpha * (1 + SNR), stable for very negative gamma.
     scale_N = alpha_N * (1.0 + snr_N)
     sqnorm_V = jnp.sum(e_VxD ** 2, axis=-1)
-    return (logits_NxV
-            + scale_N[..., None] * jnp.einsum("...d,vd->...v", z_NxD, e_VxD)
-            - 0.5 * snr_N[..., None] * sqnorm_V)
+    # scale <z, e_v> - SNR ||e_v||^2 / 2 as one matmul, [scale z, -SNR/2]
+    # . [e_v, ||e_v||^2]: no [.., V] broadcast of the per-row factors.
+    lhs = jnp.concatenate(
+        [scale_N[..., None] * z_NxD,
+         jnp.broadcast_to(-0.5 * snr_N[..., None], z_NxD.shape[:-1] + (1,))],
+        axis=-1)
+    rhs = jnp.concatenate([e_VxD, sqnorm_V[:, None]], axis=-1)
+    return logits_NxV + jnp.einsum("...d,vd->...v", lhs, rhs)
 
   def _x0hat(self, logits_BxLxV: Array, e_VxD: Array) -> Array:
     return jnp.einsum("...v,vd->...d", jax.nn.softmax(logits_BxLxV, -1), e_VxD)
