@@ -1,8 +1,9 @@
 """Transformer building blocks: norm, rotary positions, attention, MLP.
 
 Rotary position embeddings follow Su et al. 2021 (RoFormer, eq. 34) in the
-"rotate half" layout of GPT-NeoX. Attention is `jax.nn.dot_product_attention`
-(bidirectional, or causal for the AR baseline). Parameters are float32;
+"rotate half" layout of GPT-NeoX. The attention core is `models.attention`
+(bidirectional, or causal for the AR baseline): `jax.nn.dot_product_attention`'s
+numbers, with a hand-written backward pass. Parameters are float32;
 `dtype` is the compute dtype (bf16 matmuls, fp32 norms and softmax).
 """
 
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffusion_text.models.attention import attention
 from diffusion_text.models.cross_entropy import chunk_logits
 
 Array = jax.Array
@@ -112,13 +114,15 @@ class Attention(nnx.Module):
     b, length, d = x_BxLxD.shape
     qkv_BxLx3xNxH = apply_flat(self.qkv, x_BxLxD).reshape(
         b, length, 3, self.num_heads, d // self.num_heads)
-    q_BxLxNxH = rotary(qkv_BxLx3xNxH[:, :, 0])
-    k_BxLxNxH = rotary(qkv_BxLx3xNxH[:, :, 1])
-    v_BxLxNxH = qkv_BxLx3xNxH[:, :, 2]
-    # The XLA implementation takes its softmax in float32 for bf16 inputs.
-    out_BxLxNxH = jax.nn.dot_product_attention(
-        q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, is_causal=self.causal)
-    return apply_flat(self.out, out_BxLxNxH.reshape(b, length, d))
+    scale = (d // self.num_heads) ** -0.5
+    heads_first = lambda x_BxLxNxH: x_BxLxNxH.transpose(0, 2, 1, 3)
+    q_BxNxLxH = heads_first(rotary(qkv_BxLx3xNxH[:, :, 0]) * scale)
+    k_BxNxLxH = heads_first(rotary(qkv_BxLx3xNxH[:, :, 1]))
+    v_BxNxLxH = heads_first(qkv_BxLx3xNxH[:, :, 2])
+    out_BxNxLxH = attention(q_BxNxLxH, k_BxNxLxH, v_BxNxLxH,
+                            causal=self.causal)
+    out_BxLxD = out_BxNxLxH.transpose(0, 2, 1, 3).reshape(b, length, d)
+    return apply_flat(self.out, out_BxLxD)
 
 
 class MLP(nnx.Module):
