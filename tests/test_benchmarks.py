@@ -70,6 +70,9 @@ def test_train_rows(result):
     assert len(r["step_s_all"]) == res["timed_steps"] == 2
     assert math.isfinite(r["loss_after"])
   assert res["train"][0]["vs_masked"] == 1.0
+  for r in res["train"]:
+    assert r["tokens_vs_masked"] == pytest.approx(
+        r["tokens_per_s"] / res["train"][0]["tokens_per_s"])
 
 
 def test_sampler_rows(result):
