@@ -141,7 +141,7 @@ def test_attention_core_is_softmax_attention_in_value_and_grad(causal):
       numeric = (ref(*plus) - ref(*minus)) / (2 * eps)
       np.testing.assert_allclose(np.sum(np.asarray(grad, np.float64) * d),
                                  numeric, rtol=1e-4, atol=1e-4)
-  if causal:  # nothing flows from a query to the keys and values after it
+  if causal:  # the first query's output does not depend on later keys
     gq = jax.grad(lambda k: jnp.sum(attention(q, k, v, causal=True)[:, :, 0]))
     np.testing.assert_array_equal(gq(k)[:, :, 1:], 0.0)
 

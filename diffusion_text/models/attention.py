@@ -14,12 +14,12 @@ P the probabilities and dO the output's cotangent,
   dQ = dS K,     dK = dS^T Q,
 
 where rowsum(dO * O) = rowsum(dP * P), a sum over H instead of over L. The
-forward pass keeps P and O. Autodiff of `jax.nn.dot_product_attention`,
-laid out [B, L, heads, H], transposes its operands at each of the six
-batched matmuls and differentiates the softmax through its own passes; on
-XLA:CPU this form runs a 4-layer backbone's forward + backward ~9% faster
-at the benchmark size (benchmarks/README.md), with the same values to
-float32 rounding (tests/test_models.py).
+forward pass keeps P and O. Against autodiff of
+`jax.nn.dot_product_attention` on [B, L, heads, H] operands (transposes
+around its batched matmuls, the softmax differentiated in passes of its
+own), this form runs a 4-layer backbone's forward + backward ~9% faster
+on XLA:CPU at the benchmark size (benchmarks/README.md), with the same
+values to float32 rounding (tests/test_models.py).
 """
 
 from __future__ import annotations
