@@ -11,7 +11,8 @@ from flax import nnx
 
 from diffusion_text.config import ModelConfig
 from diffusion_text.models import as_denoiser, build_model, count_params
-from diffusion_text.models.cross_entropy import selected_cross_entropy
+from diffusion_text.models.cross_entropy import (chunk_logits,
+                                                 selected_cross_entropy)
 from diffusion_text.processes.base import ModelSpec
 
 B, L, V, D = 2, 8, 11, 8
@@ -227,6 +228,18 @@ def test_output_head_is_a_zero_linear_with_its_kernel_stored_out_by_in():
   want = (np.asarray(x, np.float64) @ np.asarray(head.kernel[...]).T
           + np.asarray(head.bias[...]))
   np.testing.assert_allclose(head(x), want, rtol=1e-5, atol=1e-5)
+  # Its VJP (the bias gradient is a ones-vector matmul, `column_sums`):
+  # d bias = the cotangent summed over positions, d kernel = g^T x.
+  g = np.asarray(jax.random.normal(jax.random.key(2), (2, 3, 7)), np.float64)
+  g2, x2 = g.reshape(6, 7), np.asarray(x, np.float64).reshape(6, 5)
+  for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)):
+    _, vjp = jax.vjp(lambda k, b: chunk_logits(x.reshape(6, 5), k, b, dtype),
+                     head.kernel[...], head.bias[...])
+    dk, db = vjp(jnp.asarray(g2, jnp.float32))
+    assert dk.dtype == db.dtype == jnp.float32
+    np.testing.assert_allclose(db, g2.sum(0), rtol=tol, atol=tol)
+    np.testing.assert_allclose(dk, g2.T @ x2, rtol=tol, atol=tol)
+
 
 def test_time_conditioning_changes_output():
   spec = spec_for("tokens", "logits")
