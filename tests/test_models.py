@@ -180,6 +180,34 @@ def test_attention_layer_matches_jax_dot_product_attention():
   assert bf16(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
 
 
+def test_ported_packed_attention_matches_jax_dot_product_attention():
+  """The imported backbones' `ported.packed_attention` (the same core on
+  packed q|k|v projections) gives `jax.nn.dot_product_attention`'s value
+  and input gradient, with and without rotary positions, causal or not."""
+  from diffusion_text.models.layers import rotary
+  from diffusion_text.models.ported import packed_attention
+  b, length, heads, hd = 2, 9, 3, 8
+  qkv = jax.random.normal(jax.random.key(3), (b, length, 3 * heads * hd))
+  weight = jax.random.normal(jax.random.key(4), (b, length, heads * hd))
+  for causal, rope in ((False, True), (True, False)):
+    def reference(qkv):
+      q, k, v = (qkv.reshape(b, length, 3, heads, hd)[:, :, i]
+                 for i in range(3))
+      if rope:
+        q, k = rotary(q), rotary(k)
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+      return jnp.sum(weight * out.reshape(b, length, -1))
+
+    def ours(qkv):
+      return jnp.sum(weight * packed_attention(qkv, heads, causal=causal,
+                                               rope=rope))
+
+    (got, got_g), (want, want_g) = (jax.value_and_grad(f)(qkv)
+                                    for f in (ours, reference))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(got_g, want_g, rtol=1e-4, atol=1e-5)
+
+
 def test_rotary_is_roformer_in_the_half_layout():
   """`layers.rotary` rotates each pair (x_i, x_{i + H/2}) at position p by
   the angle p * 10000^(-i / (H/2)) (RoFormer eq. 34, GPT-NeoX layout),

@@ -3,7 +3,8 @@
 Written to match the PyTorch originals to float32 rounding: LayerNorm
 statistics in float32 with the originals' eps (1e-5), and the attention
 core on packed (q|k|v, head, head_dim) projections, the column order both
-GPT-2's `c_attn` and the DiT's `attn_qkv` use.
+GPT-2's `c_attn` and the DiT's `attn_qkv` use; the core is the backbone's
+(`models.attention`: softmax attention with FlashAttention's backward).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from diffusion_text.models.attention import attention
 from diffusion_text.models.layers import rotary
 
 Array = jax.Array
@@ -38,9 +40,12 @@ def packed_attention(qkv_BxLx3D: Array, num_heads: int, *, causal: bool,
   q_BxLxNxH, k_BxLxNxH, v_BxLxNxH = (qkv_BxLx3xNxH[:, :, i] for i in range(3))
   if rope:
     q_BxLxNxH, k_BxLxNxH = rotary(q_BxLxNxH), rotary(k_BxLxNxH)
-  out_BxLxNxH = jax.nn.dot_product_attention(
-      q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, is_causal=causal)
-  return out_BxLxNxH.reshape(b, length, d)
+  scale = (d // num_heads) ** -0.5
+  heads_first = lambda x_BxLxNxH: x_BxLxNxH.transpose(0, 2, 1, 3)
+  out_BxNxLxH = attention(heads_first(q_BxLxNxH * scale),
+                          heads_first(k_BxLxNxH), heads_first(v_BxLxNxH),
+                          causal=causal)
+  return out_BxNxLxH.transpose(0, 2, 1, 3).reshape(b, length, d)
 
 
 def gelu_tanh(x: Array) -> Array:
