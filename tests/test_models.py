@@ -238,9 +238,9 @@ def test_rotary_is_roformer_in_the_half_layout():
 
 def test_output_head_is_a_zero_linear_with_its_kernel_stored_out_by_in():
   """`layers.OutputHead`: kernel [out, in] and bias start at zero, x maps to
-  x @ kernel.T + bias over the last axis, and it draws the same parameter
-  keys as the `nnx.Linear` it replaces (later parameters keep their
-  initial values)."""
+  x @ kernel.T + bias over the last axis with the gradients of that map,
+  and it draws the same parameter keys as the `nnx.Linear` it replaces
+  (later parameters keep their initial values)."""
   from diffusion_text.models.layers import OutputHead
   r_head, r_linear = nnx.Rngs(0), nnx.Rngs(0)
   head = OutputHead(5, 7, dtype=jnp.float32, rngs=r_head)
@@ -256,8 +256,9 @@ def test_output_head_is_a_zero_linear_with_its_kernel_stored_out_by_in():
   want = (np.asarray(x, np.float64) @ np.asarray(head.kernel[...]).T
           + np.asarray(head.bias[...]))
   np.testing.assert_allclose(head(x), want, rtol=1e-5, atol=1e-5)
-  # Its VJP (the bias gradient is a ones-vector matmul, `column_sums`):
-  # d bias = the cotangent summed over positions, d kernel = g^T x.
+  # The VJP of its matmul `chunk_logits` (the bias gradient is a
+  # ones-vector matmul, `column_sums`): d bias = the cotangent summed over
+  # positions, d kernel = g^T x.
   g = np.asarray(jax.random.normal(jax.random.key(2), (2, 3, 7)), np.float64)
   g2, x2 = g.reshape(6, 7), np.asarray(x, np.float64).reshape(6, 5)
   for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)):

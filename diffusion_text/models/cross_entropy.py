@@ -66,7 +66,8 @@ def column_sums(x_CxV: Array) -> Array:
 
 @jax.custom_vjp
 def _add_bias(logits_CxV: Array, b_V: Array) -> Array:
-  """logits + b, whose bias gradient is `column_sums` of the cotangent."""
+  """logits + b, whose bias gradient is `column_sums` of the cotangent.
+  (A custom VJP: reverse mode only, as for the attention core.)"""
   return logits_CxV + b_V
 
 
