@@ -96,4 +96,18 @@ def attention(q_BxNxLxH: Array, k_BxNxLxH: Array, v_BxNxLxH: Array, *,
   return _attention(q_BxNxLxH, k_BxNxLxH, v_BxNxLxH, bool(causal))
 
 
-__all__ = ["attention"]
+def heads_last_attention(q_BxLxNxH: Array, k_BxLxNxH: Array,
+                         v_BxLxNxH: Array, *, causal: bool) -> Array:
+  """`attention` for q, k, v laid out [B, L, heads, H] as projections give
+  them, q unscaled -> [B, L, heads, H]: softmax(q k^T / sqrt(H)) v, as
+  `jax.nn.dot_product_attention(q, k, v, is_causal=causal)`. q is scaled
+  before its transpose (one fused pass with whatever produced it)."""
+  scale = q_BxLxNxH.shape[-1] ** -0.5
+  heads_first = lambda x_BxLxNxH: x_BxLxNxH.transpose(0, 2, 1, 3)
+  out_BxNxLxH = attention(heads_first(q_BxLxNxH * scale),
+                          heads_first(k_BxLxNxH), heads_first(v_BxLxNxH),
+                          causal=causal)
+  return out_BxNxLxH.transpose(0, 2, 1, 3)
+
+
+__all__ = ["attention", "heads_last_attention"]

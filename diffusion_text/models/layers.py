@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_text.models.attention import attention
+from diffusion_text.models.attention import heads_last_attention
 from diffusion_text.models.cross_entropy import chunk_logits
 
 Array = jax.Array
@@ -114,15 +114,10 @@ class Attention(nnx.Module):
     b, length, d = x_BxLxD.shape
     qkv_BxLx3xNxH = apply_flat(self.qkv, x_BxLxD).reshape(
         b, length, 3, self.num_heads, d // self.num_heads)
-    scale = (d // self.num_heads) ** -0.5
-    heads_first = lambda x_BxLxNxH: x_BxLxNxH.transpose(0, 2, 1, 3)
-    q_BxNxLxH = heads_first(rotary(qkv_BxLx3xNxH[:, :, 0]) * scale)
-    k_BxNxLxH = heads_first(rotary(qkv_BxLx3xNxH[:, :, 1]))
-    v_BxNxLxH = heads_first(qkv_BxLx3xNxH[:, :, 2])
-    out_BxNxLxH = attention(q_BxNxLxH, k_BxNxLxH, v_BxNxLxH,
-                            causal=self.causal)
-    out_BxLxD = out_BxNxLxH.transpose(0, 2, 1, 3).reshape(b, length, d)
-    return apply_flat(self.out, out_BxLxD)
+    out_BxLxNxH = heads_last_attention(
+        rotary(qkv_BxLx3xNxH[:, :, 0]), rotary(qkv_BxLx3xNxH[:, :, 1]),
+        qkv_BxLx3xNxH[:, :, 2], causal=self.causal)
+    return apply_flat(self.out, out_BxLxNxH.reshape(b, length, d))
 
 
 class MLP(nnx.Module):

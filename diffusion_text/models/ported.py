@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from diffusion_text.models.attention import attention
+from diffusion_text.models.attention import heads_last_attention
 from diffusion_text.models.layers import rotary
 
 Array = jax.Array
@@ -40,12 +40,9 @@ def packed_attention(qkv_BxLx3D: Array, num_heads: int, *, causal: bool,
   q_BxLxNxH, k_BxLxNxH, v_BxLxNxH = (qkv_BxLx3xNxH[:, :, i] for i in range(3))
   if rope:
     q_BxLxNxH, k_BxLxNxH = rotary(q_BxLxNxH), rotary(k_BxLxNxH)
-  scale = (d // num_heads) ** -0.5
-  heads_first = lambda x_BxLxNxH: x_BxLxNxH.transpose(0, 2, 1, 3)
-  out_BxNxLxH = attention(heads_first(q_BxLxNxH * scale),
-                          heads_first(k_BxLxNxH), heads_first(v_BxLxNxH),
-                          causal=causal)
-  return out_BxNxLxH.transpose(0, 2, 1, 3).reshape(b, length, d)
+  out_BxLxNxH = heads_last_attention(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH,
+                                     causal=causal)
+  return out_BxLxNxH.reshape(b, length, d)
 
 
 def gelu_tanh(x: Array) -> Array:
