@@ -49,7 +49,8 @@ class Denoiser:
   like the output).
   With it the gradient is formed in the forward pass from the logits already
   computed (`models.folded`); the backward pass checks the cotangents it
-  gets against it and recomputes exactly, with a warning, if they differ.
+  gets against it and recomputes exactly if they differ (with a warning
+  where `folded.warn_enabled()`).
   """
 
   predict: Callable[..., Array]

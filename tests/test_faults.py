@@ -180,6 +180,27 @@ def test_a_checkpoint_is_never_written_from_nonfinite_parameters(
   assert Checkpointer(wd).latest_step() is None
 
 
+def test_the_train_step_is_stored_in_the_compilation_cache(tmp_path,
+                                                           monkeypatch):
+  """The compiled train step calls back to the host nowhere (JAX never
+  caches a computation that does; `models.folded` warns through one only
+  when asked), so with JAX_COMPILATION_CACHE_DIR set a resumed or repeated
+  run loads it instead of compiling it again."""
+  from diffusion_text.models import folded
+  monkeypatch.delenv(folded.WARN_ENV, raising=False)  # the default
+  fresh = tmp_path / "xla_cache"
+  old = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", str(fresh))
+  compilation_cache.reset_cache()
+  try:
+    train.train(_cfg(["train.steps=1"]), tmp_path / "wd", log=lambda m: None)
+  finally:
+    jax.config.update("jax_compilation_cache_dir", old)
+    compilation_cache.reset_cache()
+  stored = os.listdir(fresh)
+  assert any(n.startswith("jit_train_step") for n in stored), stored
+
+
 # --------------------------------------------------------- 2. preemption
 def test_sigterm_saves_and_resume_is_exact(tmp_path, compile_cache):
   """Two SIGTERMs at random steps (the full five: the slow test below)."""

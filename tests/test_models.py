@@ -553,9 +553,11 @@ def _assert_same_value_and_grad(out, ref):
 
 
 def _count_recomputes(monkeypatch):
-  """Counts the fused head's fallback recomputations (each warns once)."""
+  """Counts the fused head's fallback recomputations (each warns once, with
+  the warning turned on as `folded.WARN_ENV` does)."""
   from diffusion_text.models import folded
   calls = []
+  monkeypatch.setenv(folded.WARN_ENV, "1")
   monkeypatch.setattr(folded, "warn_recomputed",
                       lambda *args: calls.append(args))
   return calls

@@ -293,6 +293,7 @@ def test_uniform_bound_through_the_chunked_head_is_the_dense_formula(
   b, length = 8, 6
   monkeypatch.setattr(contract, "LIGHT_ROW_CHUNK", length)  # one per chunk
   recomputes = []
+  monkeypatch.setenv(folded.WARN_ENV, "1")
   monkeypatch.setattr(folded, "warn_recomputed",
                       lambda *a: recomputes.append(a))
   cfg = ModelConfig(num_layers=1, d_model=16, num_heads=2, mlp_ratio=2,

@@ -205,8 +205,7 @@ def _selected_ce_bwd(chunk, dtype, weighted, res, g):
                                   (sel(wce_N), sel(wlse_N)))
 
     def slow(g_N, g_lse_N):
-      jax.debug.callback(
-          lambda: folded.warn_recomputed("selected_cross_entropy"))
+      folded.maybe_warn_recomputed("selected_cross_entropy")
       return recompute(g_N, g_lse_N)
 
     dh_NxD, dw_VxD, db_V = jax.lax.cond(
@@ -288,7 +287,8 @@ def selected_ce_and_lse(h_NxD: Array, w_VxD: Array, b_V: Array,
   chunk fewer. The backward checks that the cotangents it receives are those
   weights times one factor (to `folded.WEIGHTS_RTOL` of the largest, over the
   selected rows); if not, it recomputes the exact gradient as without
-  weights and warns. Values are the same either way.
+  weights (warning where `folded.warn_enabled()`). Values are the same
+  either way.
   """
   n = where_N.shape[0]
   wce_N, wlse_N = ((jnp.zeros((n,), jnp.float32),) * 2 if weights is None

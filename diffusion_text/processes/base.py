@@ -69,7 +69,8 @@ def target_nll(denoiser: Denoiser, x_t: Array, t_B: Array,
   are arbitrary. `weights` [B, L] (optional, a speed hint): the weight the
   caller's loss gives each position's value, up to one common factor; the
   fused head then forms its gradient in the forward pass (exact whatever is
-  passed: a wrong hint costs a recomputation and a warning, never accuracy).
+  passed: a wrong hint costs a recomputation, never accuracy; see
+  `models.folded` for the warning).
   """
   if denoiser.target_nll is not None:
     return denoiser.target_nll(x_t, t_B, target_BxL, where_BxL,
