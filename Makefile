@@ -23,8 +23,12 @@ demo: venv
 demo-all: venv
 	$(PY) -m diffusion_text.demo --out demo_out_all --all
 
+# Test files run on $(TEST_WORKERS) processes (pytest-xdist), each file on
+# one of them so its module fixtures compile once.
+TEST_WORKERS ?= 2
+
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow
