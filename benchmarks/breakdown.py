@@ -14,7 +14,12 @@ benchmark configuration it times, each jitted on its own with the same batch:
 
 so optimizer + EMA ~ step - loss_grad with metrics, the metrics' own cost
 ~ the difference of the two loss_grads, and the process's own work outside
-the network ~ loss_grad - sum(calls).
+the network ~ loss_grad - sum(calls). Against the fastest of the matmul
+peaks measured before and after the process's timings (`run.bracket_peak`)
+it also reports `target_step_s`, the longest step that meets run.py's
+60%-of-peak target (the model FLOPs per step / (0.6 x that peak)): where
+the network calls alone take longer, no faster code around them meets the
+target for that objective.
 
   python -m benchmarks.breakdown gaussian d3pm_uniform [--smoke]
 
@@ -82,6 +87,7 @@ def breakdown(name: str, shape: run.Shape, repeats: int) -> dict:
   params = ts.state.params
   batch = {k: jnp.asarray(v) for k, v in run.random_batch(shape).items()}
   key = jax.random.key(0)
+  peaks = [run.matmul_peak(shape.matmul_n, repeats=3)]
 
   def loss_metrics(p, k):
     out = process.loss(k, as_denoiser(nnx.merge(graphdef, p)),
@@ -133,6 +139,13 @@ def breakdown(name: str, shape: run.Shape, repeats: int) -> dict:
   out["metrics_s"] = out["loss_grad_metrics_s"] - out["loss_grad_s"]
   out["optimizer_ema_s"] = out["step_s"] - out["loss_grad_metrics_s"]
   out["process_outside_network_s"] = out["loss_grad_s"] - net
+  peaks.append(run.matmul_peak(shape.matmul_n, repeats=3))
+  out.update(run.bracket_peak(peaks))
+  out["model_flops_per_step"] = (run.model_flops(cfg, shape.vocab)
+                                 ["train_per_token"]
+                                 * shape.batch * shape.seq_len)
+  out["target_step_s"] = out["model_flops_per_step"] / (
+      run.TARGET_FRACTION_OF_PEAK * out["matmul_peak_flops_per_s"])
   return out
 
 
@@ -189,7 +202,10 @@ def main(argv=None) -> int:
           f"{r['metrics_s']:.3f} + optimizer/EMA "
           f"{r['optimizer_ema_s']:.3f}; network calls fwd+bwd "
           f"{r['network_fwd_bwd_s']:.3f}, process work outside them "
-          f"{r['process_outside_network_s']:.3f}", flush=True)
+          f"{r['process_outside_network_s']:.3f}; the "
+          f"{run.TARGET_FRACTION_OF_PEAK:.0%} target allows "
+          f"{r['target_step_s']:.3f} s per step (matmul peak "
+          f"{r['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s)", flush=True)
     for c in r["calls"]:
       if c.get("inside_traced_region"):
         print(f"  {c['callable']}: inside a chunked map (in the loss's time)",
