@@ -113,3 +113,22 @@ def test_counting_counts_every_network_entry_point():
     jax.jit(lambda x, f=f: getattr(den, f)(x))(jnp.ones(3))
   jax.effects_barrier()
   assert counter[0] == len(run.NETWORK_CALLS)
+
+
+def test_breakdown_reports_the_step_the_target_allows():
+  """benchmarks/breakdown.py --smoke: the step in pieces, and the longest
+  step that meets the 60%-of-peak target against its bracketing peaks."""
+  from benchmarks import breakdown
+  r = breakdown.breakdown("masked", run.SMOKE, repeats=1)
+  for key in ("step_s", "loss_fwd_s", "loss_grad_s", "network_fwd_bwd_s",
+              "matmul_peak_before", "matmul_peak_after", "target_step_s"):
+    assert _positive(r[key]), (key, r[key])
+  assert r["matmul_peak_flops_per_s"] == max(r["matmul_peak_before"],
+                                             r["matmul_peak_after"])
+  tokens = run.SMOKE.batch * run.SMOKE.seq_len
+  assert r["model_flops_per_step"] == run.model_flops(
+      run.SMOKE.config("masked"), run.SMOKE.vocab)["train_per_token"] * tokens
+  assert r["target_step_s"] == pytest.approx(
+      r["model_flops_per_step"]
+      / (run.TARGET_FRACTION_OF_PEAK * r["matmul_peak_flops_per_s"]))
+  assert [c["callable"] for c in r["calls"]].count("target_nll") == 1
