@@ -19,7 +19,7 @@ fact, told by a host callback only when `warn_enabled()` (environment
 variable DIFFUSION_TEXT_WARN_RECOMPUTE=1, read when a loss is traced):
 a computation with a host callback is never written to JAX's persistent
 compilation cache (JAX_COMPILATION_CACHE_DIR), so by default the train step
-has none. The test suite turns it on to check every process's weights.
+has none. The tests of the processes' weights turn it on.
 """
 
 from __future__ import annotations
