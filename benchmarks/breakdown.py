@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks import run
-from diffusion_text import contract, host_memory
+from diffusion_text import contract, flops, host_memory
 from diffusion_text.models import as_denoiser
 
 CALLABLES = ("predict", "target_nll", "round_logits", "round_nll", "embed",
@@ -141,9 +141,7 @@ def breakdown(name: str, shape: run.Shape, repeats: int) -> dict:
   out["process_outside_network_s"] = out["loss_grad_s"] - net
   peaks.append(run.matmul_peak(shape.matmul_n, repeats=3))
   out.update(run.bracket_peak(peaks))
-  out["model_flops_per_step"] = (run.model_flops(cfg, shape.vocab)
-                                 ["train_per_token"]
-                                 * shape.batch * shape.seq_len)
+  out["model_flops_per_step"] = flops.train_flops_per_step(cfg, shape.vocab)
   out["target_step_s"] = out["model_flops_per_step"] / (
       run.TARGET_FRACTION_OF_PEAK * out["matmul_peak_flops_per_s"])
   return out
