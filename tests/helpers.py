@@ -26,3 +26,14 @@ def strict_json(text: str):
   def reject(token):
     raise AssertionError(f"{token} in a results file: strict JSON writes null")
   return json.loads(text, parse_constant=reject)
+
+
+def count_recomputes(monkeypatch) -> list:
+  """The chunked heads' fallback recomputations (`models.folded`), one list
+  entry each: turns their warning on and records it instead."""
+  from diffusion_text.models import folded
+  calls = []
+  monkeypatch.setenv(folded.WARN_ENV, "1")
+  monkeypatch.setattr(folded, "warn_recomputed",
+                      lambda *args: calls.append(args))
+  return calls

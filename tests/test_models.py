@@ -14,6 +14,7 @@ from diffusion_text.models import as_denoiser, build_model, count_params
 from diffusion_text.models.cross_entropy import (chunk_logits,
                                                  selected_cross_entropy)
 from diffusion_text.processes.base import ModelSpec
+from tests.helpers import count_recomputes
 
 B, L, V, D = 2, 8, 11, 8
 CFG = ModelConfig(num_layers=2, d_model=32, num_heads=2, mlp_ratio=2,
@@ -552,24 +553,13 @@ def _assert_same_value_and_grad(out, ref):
                out[1], ref[1])
 
 
-def _count_recomputes(monkeypatch):
-  """Counts the fused head's fallback recomputations (each warns once, with
-  the warning turned on as `folded.WARN_ENV` does)."""
-  from diffusion_text.models import folded
-  calls = []
-  monkeypatch.setenv(folded.WARN_ENV, "1")
-  monkeypatch.setattr(folded, "warn_recomputed",
-                      lambda *args: calls.append(args))
-  return calls
-
-
 def test_selected_ce_weights_fold_the_gradient_into_the_forward(monkeypatch):
   """With `weights`, the gradient formed in the forward pass equals the
   dense one whenever the objective applies those weights (any common
   factor, CE and logsumexp both weighted, rows off `where` ignored); with
   other cotangents the backward recomputes, still exactly, and warns."""
   from diffusion_text.models.cross_entropy import selected_ce_and_lse
-  recomputes = _count_recomputes(monkeypatch)
+  recomputes = count_recomputes(monkeypatch)
   n = 23
   h, w, b, target, where, dense, (a_ce, a_lse) = _ce_and_lse_case(2, n)
 
@@ -605,7 +595,7 @@ def test_process_losses_take_the_folded_gradient(process, monkeypatch):
   recomputing backward (padding included). sedd_uniform: in
   tests/test_sedd.py, with its chunked-versus-dense check."""
   from diffusion_text.processes import make_process
-  recomputes = _count_recomputes(monkeypatch)
+  recomputes = count_recomputes(monkeypatch)
   proc = make_process(process, vocab_size=V)
   spec = proc.model_spec
   model = perturb(build_model(spec, CFG, seed=0))
@@ -629,7 +619,7 @@ def test_map_logits_weights_fold_the_gradient(monkeypatch):
   padded last chunk; with other cotangents it recomputes exactly."""
   from diffusion_text import contract
   monkeypatch.setattr(contract, "ROW_CHUNK", 3)  # B * L = 16: 6 chunks
-  recomputes = _count_recomputes(monkeypatch)
+  recomputes = count_recomputes(monkeypatch)
   spec = spec_for("tokens", "logits")
   model = perturb(build_model(spec, CFG, seed=0))
   graphdef, params = nnx.split(model)

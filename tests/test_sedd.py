@@ -14,6 +14,7 @@ from jax.scipy.linalg import expm
 
 from diffusion_text.processes import Denoiser, SamplingOptions, make_process
 from diffusion_text.processes import sedd_absorb
+from tests.helpers import count_recomputes
 
 V = 5
 PI = np.array([0.5, 0.25, 0.15, 0.07, 0.03], np.float32)
@@ -286,16 +287,13 @@ def test_uniform_bound_through_the_chunked_head_is_the_dense_formula(
   from flax import nnx
   from diffusion_text import contract
   from diffusion_text.config import ModelConfig
-  from diffusion_text.models import as_denoiser, build_model, folded
+  from diffusion_text.models import as_denoiser, build_model
   from diffusion_text.processes import base
   # t_min = 0.3: the decoder works on noisy tokens, so its gradient counts.
   p = _process("sedd_uniform", recon_prob=0.3, t_min=0.3)
   b, length = 8, 6
   monkeypatch.setattr(contract, "LIGHT_ROW_CHUNK", length)  # one per chunk
-  recomputes = []
-  monkeypatch.setenv(folded.WARN_ENV, "1")
-  monkeypatch.setattr(folded, "warn_recomputed",
-                      lambda *a: recomputes.append(a))
+  recomputes = count_recomputes(monkeypatch)
   cfg = ModelConfig(num_layers=1, d_model=16, num_heads=2, mlp_ratio=2,
                     cond_dim=8)
   graphdef, params = nnx.split(build_model(p.model_spec, cfg, seed=0))
