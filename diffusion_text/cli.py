@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import sys
 
 from diffusion_text import host_memory
@@ -317,6 +318,32 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample,
 # after saving a checkpoint.
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PREEMPTED = 2, 3, 130, 143
 
+# What shrinks each command's largest array when the device runs out of memory.
+_MEMORY_FIXES = {
+    "train": "lower data.batch_size (train.grad_accum=N keeps the global "
+             "batch in N micro-batches) or data.seq_len, shard the parameters "
+             "with train.mesh_fsdp, or shrink the model (model.d_model, "
+             "model.num_layers)",
+    "eval": "lower --batch-size (eval.batch_size)",
+    "sample": "lower --num or --length",
+    "sample-eval": "lower --num",
+    "compare": "lower data.batch_size or data.seq_len with --set, or "
+               "eval.batch_size",
+}
+
+
+def _out_of_memory(command: str, error: Exception) -> str | None:
+  """One line for XLA's RESOURCE_EXHAUSTED, naming the size and the fix; None
+  for any other runtime error."""
+  text = str(error)
+  if "RESOURCE_EXHAUSTED" not in text:
+    return None
+  match = re.search(r"allocat\w* (\d+) bytes", text)
+  size = f" ({int(match.group(1)) / 2**30:,.1f} GiB in one allocation)" if match else ""
+  fix = _MEMORY_FIXES.get(command, "use smaller shapes")
+  return (f"the device ran out of memory{size}: {fix}; "
+          f"XLA said: {text.splitlines()[0]}")
+
 
 def main(argv=None) -> int:
   from diffusion_text.config import ConfigError
@@ -336,6 +363,13 @@ def main(argv=None) -> int:
     print(f"error: {e}\n(set DIFFUSION_TEXT_DEBUG=1 for a traceback)",
           file=sys.stderr)
     return EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_USAGE
+  except RuntimeError as e:  # jax.errors.JaxRuntimeError (JAX loads later)
+    message = _out_of_memory(args.command, e)
+    if message is None or os.environ.get("DIFFUSION_TEXT_DEBUG"):
+      raise
+    print(f"error: {message}\n(set DIFFUSION_TEXT_DEBUG=1 for a traceback)",
+          file=sys.stderr)
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

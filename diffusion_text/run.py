@@ -143,9 +143,13 @@ def check_workdir(cfg: config_lib.Config, workdir: pathlib.Path) -> None:
            for k in sorted(set(old[sec]) | set(new[sec]))
            if old[sec].get(k) != new[sec].get(k)]
   if diffs:
+    unsaved = not any(p.name.isdigit()
+                      for p in (workdir / "checkpoints").glob("*"))
     raise config_lib.ConfigError(
         f"{workdir} holds a run with a different config ({'; '.join(diffs)}); "
-        "use a new --workdir, or drop the conflicting --set overrides")
+        "use a new --workdir, or drop the conflicting --set overrides"
+        + (f" (it has no checkpoint yet: `rm -r {workdir}` loses no "
+           "training)" if unsaved else ""))
 
 
 def load_config(workdir: pathlib.Path, overrides=()) -> config_lib.Config:

@@ -551,6 +551,36 @@ def test_relative_paths_are_stored_absolute_and_move_freely(tmp_path,
           != run_lib.run_fingerprint(cfg, tok, ["abd"]))
 
 
+def test_a_workdir_without_checkpoints_says_removing_it_loses_nothing(
+    tmp_path):
+  workdir_lib.atomic_write_json(tmp_path / "config.json",
+                                config_lib.to_dict(_cfg()))
+  (tmp_path / "checkpoints").mkdir()
+  with pytest.raises(config_lib.ConfigError) as info:
+    run_lib.check_workdir(_cfg(["data.seq_len=8"]), tmp_path)
+  assert "data.seq_len: 16 -> 8" in str(info.value)
+  assert f"no checkpoint yet: `rm -r {tmp_path}` loses no" in str(info.value)
+
+
+def test_out_of_memory_is_one_line_naming_the_size_and_the_fix(monkeypatch,
+                                                               capsys):
+  def exhausts(args):  # a real XLA allocation failure: 32 TiB
+    jnp.zeros((2**43,), jnp.float32).block_until_ready()
+  monkeypatch.setitem(cli.COMMANDS, "train", exhausts)
+  assert cli.main(["train", "--workdir", "unused"]) == 2
+  err = capsys.readouterr().err.splitlines()
+  assert err[0].startswith("error: the device ran out of memory "
+                           "(32,768.0 GiB in one allocation): lower "
+                           "data.batch_size (train.grad_accum=N")
+  assert "XLA said: RESOURCE_EXHAUSTED" in err[0]
+  # Any other runtime error keeps its traceback.
+  def fails(args):
+    raise RuntimeError("INTERNAL: something else")
+  monkeypatch.setitem(cli.COMMANDS, "train", fails)
+  with pytest.raises(RuntimeError, match="something else"):
+    cli.main(["train", "--workdir", "unused"])
+
+
 def test_batch_not_divisible_by_the_devices_is_one_line(tmp_path):
   env = dict(os.environ, PYTHONPATH=str(REPO),
              XLA_FLAGS="--xla_force_host_platform_device_count=2")

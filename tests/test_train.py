@@ -102,9 +102,10 @@ def test_workdir_refuses_another_config(tmp_path, capsys):
   assert [s for s, _, _ in seen] == [1, 2]
   assert [r for _, _, r in seen] == _rows(wd)
   assert all(state_step >= step for step, state_step, _ in seen)
-  with pytest.raises(config_lib.ConfigError, match="model.d_model"):
+  with pytest.raises(config_lib.ConfigError, match="model.d_model") as info:
     train.train(_cfg("ar", ["train.steps=2", "model.d_model=64"]), wd,
                 log=lambda m: None)
+  assert "no checkpoint yet" not in str(info.value)  # it has two
   # Extending training on the same workdir is allowed.
   summary = train.train(_cfg("ar", ["train.steps=3"]), wd, log=lambda m: None)
   assert summary["step"] == 3
