@@ -7,6 +7,7 @@ import pytest
 from diffusion_text import config as config_lib
 from diffusion_text.config import ConfigError
 from diffusion_text.data import tokenizers
+from diffusion_text.eval import samples
 
 
 def test_gpt2_matches_published_ids_and_round_trips(data_dir):
@@ -63,6 +64,14 @@ def test_word_vocabulary_of_ptb(data_dir):
   line = test[3]
   assert tok.decode(tok.encode(line) + [tok.eos_id]) == " ".join(line.split()) + "\n"
   assert tok.encode("zzyzx-not-a-word") == [tok.unk_id]
+  assert tok.unknown("the zzyzx <unk> company qqq") == ["zzyzx", "qqq"]
+  # What `diffusion-text sample` prints before sampling (eval/samples.py).
+  assert samples.notices(tok, "the zzyzx ___ qqq", 64, 64) == [
+      "not in the vocabulary, fixed as the unknown token: 'qqq', 'zzyzx'"]
+  assert samples.notices(tok, "the company", 80, 64) == [
+      "length 80 is longer than the 64-token blocks the model was trained "
+      "on; positions past them were never trained"]
+  assert samples.notices(tok, "the company", 64, 64) == []
 
 
 def test_char_round_trip_and_unknowns():
@@ -72,13 +81,14 @@ def test_char_round_trip_and_unknowns():
   assert tok.decode(tok.encode("hello world!")) == "hello\ufffdworld!"
   assert tok.encode("hold") == [tok.vocab.index(c) for c in "hold"]
   assert tok.encode("Q") == [tok.unk_id]
+  assert tok.unknown("hQ oZ") == ["Q", " ", "Z"]  # no space in its text
   assert tok.decode([tok.vocab.index("h"), tok.eos_id]) == "h\n"
 
 
 def test_identity():
   tok = tokenizers.make_tokenizer("identity", vocab_size=8)
   assert tok.encode("3 1 7") == [3, 1, 7] and tok.decode([0, 5]) == "0 5"
-  assert tok.eos_id is None
+  assert tok.eos_id is None and tok.unknown("3 1") == []
   with pytest.raises(ValueError):
     tok.encode("8")
 

@@ -44,11 +44,14 @@ def test_cli_train_eval_sample_pulse(tmp_path, capsys):
   assert printed.count("--- sample") == 2
 
   # Prefix prompt and infill through the CLI keep the fixed tokens.
+  # (here longer than the 16-token training blocks, which it says)
   assert cli.main(["sample", "--workdir", str(wd), "--num", "2", "--steps",
-                   "8", "--prompt", "1 2 3"]) == 0
-  rows = [l for l in capsys.readouterr().out.splitlines() if not l.startswith(("---", "["))]
+                   "8", "--prompt", "1 2 3", "--length", "20"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert "[sample] length 20 is longer than the 16-token blocks" in "\n".join(lines)
+  rows = [l for l in lines if not l.startswith(("---", "["))]
   assert len(rows) == 2 and all(r.split()[:3] == ["1", "2", "3"] for r in rows)
-  assert all(len(r.split()) == 16 for r in rows)
+  assert all(len(r.split()) == 20 for r in rows)
   assert cli.main(["sample", "--workdir", str(wd), "--num", "2", "--steps",
                    "8", "--infill", "4 ___ 5 6"]) == 0
   rows = [l for l in capsys.readouterr().out.splitlines() if not l.startswith(("---", "["))]

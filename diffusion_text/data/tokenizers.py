@@ -48,6 +48,11 @@ class Tokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     raise NotImplementedError
 
+  def unknown(self, text: str) -> list[str]:
+    """The pieces of `text` that encode to an unknown-token id (none for
+    byte-level and fixed-alphabet tokenizers)."""
+    return []
+
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return [self.encode(t) for t in texts]
 
@@ -74,6 +79,17 @@ class _VocabTokenizer(Tokenizer):
     self.eos_id = self.index[eos]
     self.vocab_size = len(self.vocab)
 
+  def units(self, text: str) -> list[str]:
+    """`text` cut into the units the vocabulary lists."""
+    raise NotImplementedError
+
+  def encode(self, text: str) -> list[int]:
+    get, unk = self.index.get, self.unk_id
+    return [get(u, unk) for u in self.units(text)]
+
+  def unknown(self, text: str) -> list[str]:
+    return [u for u in self.units(text) if u not in self.index]
+
   def fingerprint(self) -> str:
     return _hash_vocab(self.vocab)
 
@@ -95,9 +111,8 @@ class CharTokenizer(_VocabTokenizer):
   def __init__(self, vocab: Sequence[str]):
     super().__init__(vocab, self.UNK, self.EOS)
 
-  def encode(self, text: str) -> list[int]:
-    get, unk = self.index.get, self.unk_id
-    return [get(c, unk) for c in text]
+  def units(self, text: str) -> list[str]:
+    return list(text)
 
   def decode(self, ids: Iterable[int]) -> str:
     # EOS ends a unit (a line), so it reads as a newline.
@@ -130,9 +145,8 @@ class WordTokenizer(_VocabTokenizer):
   def __init__(self, vocab: Sequence[str]):
     super().__init__(vocab, UNK_WORD, EOS_WORD)
 
-  def encode(self, text: str) -> list[int]:
-    get, unk = self.index.get, self.unk_id
-    return [get(w, unk) for w in text.split()]
+  def units(self, text: str) -> list[str]:
+    return text.split()
 
   def decode(self, ids: Iterable[int]) -> str:
     pieces = []

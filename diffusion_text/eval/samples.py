@@ -43,6 +43,24 @@ def make_sampler(process, graphdef, sc: SampleConfig, length: int,
                                options=sampling_options(sc))
 
 
+def notices(tokenizer, text: str, length: int, trained_length: int
+            ) -> list[str]:
+  """What a sampling request asks beyond the training data: samples longer
+  than the training blocks, and prompt or infill words (pieces around each
+  "___") that are not in the vocabulary."""
+  out = []
+  if length > trained_length:
+    out.append(f"length {length} is longer than the {trained_length}-token "
+               "blocks the model was trained on; positions past them were "
+               "never trained")
+  unknown = sorted({u for piece in text.split("___")
+                    for u in tokenizer.unknown(piece)})
+  if unknown:
+    out.append("not in the vocabulary, fixed as the unknown token: "
+               + ", ".join(map(repr, unknown)))
+  return out
+
+
 def sample_workdir(workdir, overrides=(), prompt: Optional[str] = None,
                    infill: Optional[str] = None,
                    log: Callable[[str], None] = print) -> list[str]:
@@ -53,6 +71,9 @@ def sample_workdir(workdir, overrides=(), prompt: Optional[str] = None,
   sc = run.cfg.sample
   length = sc.length or run.cfg.data.seq_len
   tok = run.prepared.tokenizer
+  for notice in notices(tok, prompt or infill or "", length,
+                       run.cfg.data.seq_len):
+    log(f"[sample] {notice}")
   cond = ()
   if prompt is not None:
     cond = sampling.prompt_condition(tok, prompt, length)
