@@ -334,6 +334,16 @@ def _train(cfg, workdir, log, hooks, primary) -> dict:
       sink.close()
     ckpt.close()
     raise
+  except Exception:
+    # Raised between steps (a validation pass out of memory, a hook, the
+    # data stream): the state is whole, so the steps since the last
+    # checkpoint are kept before the error surfaces.
+    if step_no > start:  # else there is nothing new to keep
+      _save_before_raising(save, state, step_no, log)
+    for sink in sinks:
+      sink.close()
+    ckpt.close()
+    raise
   try:
     save(state, step_no)
     if pending is not None:
@@ -353,6 +363,23 @@ def _train(cfg, workdir, log, hooks, primary) -> dict:
   if status == "preempted":
     raise Preempted(f"preempted at step {step_no}; checkpoint saved")
   return summary
+
+
+def _save_before_raising(save, state, step_no: int, log) -> None:
+  """Checkpoint `state` at `step_no` on the way out of an error, when its
+  buffers are intact (a failed step may have consumed them) and one process
+  runs (a save on many hosts needs all of them). A save that fails too is
+  reported and the original error goes on."""
+  if jax.process_count() > 1 or any(
+      leaf.is_deleted() for leaf in jax.tree.leaves(state)
+      if isinstance(leaf, jax.Array)):
+    return
+  try:
+    save(state, step_no)
+    log(f"[train] error at step {step_no}; checkpoint saved, so the same "
+        "command resumes from here once it is fixed")
+  except Exception as e:  # the original error is the one to report
+    log(f"[train] error at step {step_no}; no checkpoint saved ({e})")
 
 
 def _last_good(ckpt: Checkpointer, step: Optional[int]) -> str:

@@ -261,6 +261,35 @@ def _sigterm_trials(tmp_path, compile_cache, trials):
     assert [r["loss"] for r in rows] == want, f"trial {trial}, step {stopped}"
 
 
+def test_an_error_between_steps_saves_first_and_resume_is_exact(trained,
+                                                                tmp_path):
+  """A hook (as a validation pass out of memory would) raises at step 6: the
+  error surfaces after a checkpoint of the steps since the periodic one at
+  4, and resuming ends with the uninterrupted run's state, bit for bit."""
+  def fails(step, state, row):
+    if step == 6:
+      raise RuntimeError("RESOURCE_EXHAUSTED: in a hook")
+  wd, lines = tmp_path / "run", []
+  with pytest.raises(RuntimeError, match="in a hook"):
+    train.train(_cfg(), wd, log=lines.append, hooks=[fails])
+  saved = Checkpointer(wd).latest_step()
+  assert saved > 6  # the row of step 6 is flushed a step late
+  assert any(l.startswith(f"[train] error at step {saved}; checkpoint saved,"
+                          " so the same command resumes") for l in lines)
+  train.train(_cfg(), wd, log=lambda m: None)
+  cfg = _cfg()
+  run = run_lib.setup(cfg, wd, log=lambda m: None)
+  target = step_lib.init_state(run.params, step_lib.make_optimizer(cfg.train))
+  states = []
+  for workdir in (trained, wd):
+    ckpt = Checkpointer(workdir)
+    assert ckpt.latest_step() == 8
+    states.append(ckpt.restore(target)[0])
+    ckpt.close()
+  for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 # ----------------------------------------------- 3. checkpoint integrity
 def _small_state(scale):
   params = {"w": jnp.arange(4096.0).reshape(64, 64) * scale, "b": jnp.ones(3)}
