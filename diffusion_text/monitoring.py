@@ -7,8 +7,9 @@ Hooks of the loop (train.py calls `hook(step, state, row)` per logged row):
   - `Validation`: the validation split's NLL bound every `train.eval_every`
     steps, with the evaluator of `diffusion-text eval` on the training mesh,
     emitted as its own row (`val_nll_bound`, ...).
-And the utilisation figure of the progress line: `Utilisation` turns a
-step rate into model FLOP/s (flops.py) and MFU over the chips' peak.
+And the figures of the progress line: `Utilisation` turns a step rate into
+model FLOP/s (flops.py) and MFU over the chips' peak; `peak_memory` reads the
+devices' (or, on CPU, the process's) peak memory.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from __future__ import annotations
 import math
 import os
 import pathlib
+import resource
 import socket
 import struct
+import sys
 import time
 from typing import Callable, Optional, Sequence
 
@@ -78,6 +81,21 @@ class Utilisation:
     if self.peak:
       out["mfu"] = round(achieved / self.peak, 4)
     return out
+
+
+def peak_memory(devices: Optional[Sequence] = None) -> dict:
+  """The run's peak memory so far, in GiB, for the metrics row: the largest
+  `peak_bytes_in_use` among this process's devices where the backend reports
+  it (GPUs, TPUs: `device_peak_gib`), else this process's peak resident set
+  (XLA:CPU keeps no such count: `host_peak_rss_gib`)."""
+  devices = jax.local_devices() if devices is None else devices
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0)
+           for d in devices]
+  if max(peaks, default=0):
+    return {"device_peak_gib": round(max(peaks) / 2**30, 3)}
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  rss_bytes = rss if sys.platform == "darwin" else rss * 1024  # Linux: KiB
+  return {"host_peak_rss_gib": round(rss_bytes / 2**30, 3)}
 
 
 # ------------------------------------------------------------- TensorBoard

@@ -121,10 +121,13 @@ class ProgressPrinter:
     skipped = (f" | {row['skipped']:.0f} non-finite step(s) skipped"
                if row.get("skipped") else "")
     mfu = f" | MFU {row['mfu']:.1%}" if "mfu" in row else ""
+    memory = row.get("device_peak_gib", row.get("host_peak_rss_gib"))
+    memory = f" | peak mem {memory:.2f} GiB" if memory is not None else ""
     self.log(f"[train] step {step}/{self.total} | loss {row['loss']:.4f} | "
              f"bound <= {bound:.4f} nats/tok | {rate:,.0f} tok/s{mfu} | "
              f"step {row['step_s'] * 1e3:.0f} ms (data "
-             f"{row['data_wait_s'] * 1e3:.0f} ms) | ETA {_fmt_time(eta)}{skipped}")
+             f"{row['data_wait_s'] * 1e3:.0f} ms){memory} | "
+             f"ETA {_fmt_time(eta)}{skipped}")
 
 
 def _prepare_workdir(cfg, workdir: pathlib.Path, log) -> run_lib.Run:
@@ -291,7 +294,7 @@ def _train(cfg, workdir, log, hooks, primary) -> dict:
            "tokens_per_s": round(tokens_per_step / step_s, 1),
            "step_s": round(step_s, 5), "data_wait_s": round(wait_s, 5),
            "compute_s": round(step_s - wait_s, 5),
-           **utilisation(1.0 / step_s), **m}
+           **utilisation(1.0 / step_s), **monitoring.peak_memory(), **m}
     for hook in all_hooks:
       hook(p_step, state_dev, row)
     # The next interval starts after the hooks: a validation pass is not

@@ -157,6 +157,26 @@ def test_mfu_is_model_flops_over_the_peak_of_all_chips():
       pytest.approx(per_step / 2e9, abs=1e-4))
 
 
+class _Device:
+  def __init__(self, stats):
+    self.stats = stats
+
+  def memory_stats(self):
+    return self.stats
+
+
+def test_peak_memory_is_the_largest_device_peak_else_the_host_rss():
+  devices = [_Device({"peak_bytes_in_use": 3 * 2**30}),
+             _Device({"peak_bytes_in_use": 5 * 2**29, "bytes_in_use": 1})]
+  assert monitoring.peak_memory(devices) == {"device_peak_gib": 3.0}
+  # XLA:CPU reports no memory stats: the process's peak resident set, which
+  # holds at least the 256 MiB array made here.
+  big = np.ones(2**26, np.float32)
+  host = monitoring.peak_memory([_Device(None)])
+  assert set(host) == {"host_peak_rss_gib"}
+  assert big.nbytes / 2**30 <= host["host_peak_rss_gib"] < 64
+
+
 def test_model_flops_counts_a_tiny_model_by_hand():
   cfg = config_lib.Config(
       model=config_lib.ModelConfig(num_layers=2, d_model=4, num_heads=2,
@@ -204,9 +224,12 @@ def test_training_logs_timing_validation_and_tensorboard(tmp_path):
     assert r["compute_s"] == pytest.approx(r["step_s"] - r["data_wait_s"],
                                            abs=1e-4)
     assert r["model_flops_per_s"] > 0 and "mfu" not in r  # CPU: no peak
+    assert r["host_peak_rss_gib"] > 0 and "device_peak_gib" not in r
   for r in val_rows:
     assert r["val_nll_bound"] > 0 and r["val_tokens"] == 8 * 16
   assert any("[eval] step 4 valid: NLL <=" in l for l in lines)
+  progress = [l for l in lines if l.startswith("[train] step")]
+  assert progress and all(" ms) | peak mem " in l for l in progress)
   assert any("in 2 micro-batches" in l and "float32 compute" in l
              for l in lines)
   (path,) = tmp_path.glob("events.out.tfevents.*")
