@@ -31,6 +31,11 @@ from diffusion_text.models import count_params
 # sampling, data locations) may change between runs on the same workdir.
 IDENTITY_KEYS = ("process", "model", "data")
 _FREE_DATA_KEYS = ("data_dir", "cache_dir")
+# Identity keys that change neither the parameters nor the data blocks: the
+# compute dtype (parameters are float32 whatever it is), the tokenizer
+# processes and whether tfds:/hf: sources may download. `eval` and `sample`
+# may override them; a workdir's training keeps them.
+READ_FREE_KEYS = ("model.dtype", "data.workers", "data.allow_download")
 
 
 @dataclasses.dataclass
@@ -42,11 +47,16 @@ class Run:
   graphdef: nnx.GraphDef
   params: nnx.State
 
+  # The config the checkpoint was trained with, where `cfg` differs from it
+  # in READ_FREE_KEYS only (`open_workdir`); None: `cfg` itself.
+  trained_cfg: Optional[config_lib.Config] = None
+
   @property
   def fingerprint(self) -> str:
     files = sorted((self.prepared.provenance().get("files_sha256")
                     or {}).values())
-    return run_fingerprint(self.cfg, self.prepared.tokenizer, files)
+    return run_fingerprint(self.trained_cfg or self.cfg,
+                           self.prepared.tokenizer, files)
 
 
 def identity(cfg: config_lib.Config) -> dict:
@@ -134,22 +144,29 @@ def check_workdir(cfg: config_lib.Config, workdir: pathlib.Path) -> None:
   path = workdir / "config.json"
   if not path.exists():
     return
-  old, new = identity(load_config(workdir)), identity(cfg)
-  # data.path may move; its content is checked by the checkpoint fingerprint.
-  for ident in (old, new):
-    ident["data"].pop("path", None)
-  diffs = [f"{sec}.{k}: {old[sec].get(k)!r} -> {new[sec].get(k)!r}"
-           for sec in IDENTITY_KEYS
-           for k in sorted(set(old[sec]) | set(new[sec]))
-           if old[sec].get(k) != new[sec].get(k)]
+  diffs = identity_diffs(load_config(workdir), cfg)
   if diffs:
     unsaved = not any(p.name.isdigit()
                       for p in (workdir / "checkpoints").glob("*"))
     raise config_lib.ConfigError(
-        f"{workdir} holds a run with a different config ({'; '.join(diffs)}); "
+        f"{workdir} holds a run with a different config "
+        f"({'; '.join(f'{k}: {v}' for k, v in diffs.items())}); "
         "use a new --workdir, or drop the conflicting --set overrides"
         + (f" (it has no checkpoint yet: `rm -r {workdir}` loses no "
            "training)" if unsaved else ""))
+
+
+def identity_diffs(old_cfg: config_lib.Config,
+                   new_cfg: config_lib.Config) -> dict[str, str]:
+  """'section.key' -> 'old -> new' for each identity key that differs
+  (data.path may move: its content is checked by the fingerprint)."""
+  old, new = identity(old_cfg), identity(new_cfg)
+  for ident in (old, new):
+    ident["data"].pop("path", None)
+  return {f"{sec}.{k}": f"{old[sec].get(k)!r} -> {new[sec].get(k)!r}"
+          for sec in IDENTITY_KEYS
+          for k in sorted(set(old[sec]) | set(new[sec]))
+          if old[sec].get(k) != new[sec].get(k)}
 
 
 def load_config(workdir: pathlib.Path, overrides=()) -> config_lib.Config:
@@ -219,6 +236,18 @@ def open_workdir(workdir, overrides=(), log: Callable[[str], None] = print):
   and sampling read a workdir the same way).
   """
   workdir = pathlib.Path(workdir)
-  run = setup(load_config(workdir, overrides), workdir, log)
+  trained = load_config(workdir)
+  cfg = config_lib.apply_overrides(trained, list(overrides))
+  diffs = identity_diffs(trained, cfg)
+  fixed = [f"{k}: {v}" for k, v in diffs.items() if k not in READ_FREE_KEYS]
+  if fixed:
+    raise config_lib.ConfigError(
+        f"{workdir} was trained with another config than these overrides "
+        f"give ({'; '.join(fixed)}); a trained workdir's process, model and "
+        f"data stay as trained (of them only {', '.join(READ_FREE_KEYS)} may "
+        "change here): drop those --set overrides, or train a new --workdir")
+  run = setup(cfg, workdir, log)
+  if diffs:
+    run.trained_cfg = trained
   params, step = restore_params(run, workdir, use_ema=run.cfg.eval.use_ema)
   return run, params, step

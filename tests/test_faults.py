@@ -591,6 +591,23 @@ def test_a_workdir_without_checkpoints_says_removing_it_loses_nothing(
   assert f"no checkpoint yet: `rm -r {tmp_path}` loses no" in str(info.value)
 
 
+def test_eval_and_sample_keep_the_trained_identity(trained, capsys):
+  # A key the checkpoint depends on is refused naming it, not by hash.
+  assert cli.main(["eval", "--workdir", str(trained), "--set",
+                   "data.seq_len=8"]) == 2
+  err = capsys.readouterr().err
+  assert "(data.seq_len: 16 -> 8)" in err and "drop those --set" in err
+  # The compute dtype and data.workers may change: the checkpoint restores.
+  run, params, step = run_lib.open_workdir(
+      trained, ["model.dtype=bfloat16", "data.workers=1"], log=lambda m: None)
+  assert (run.cfg.model.dtype, run.cfg.data.workers, step) == ("bfloat16", 1, 8)
+  assert run.fingerprint == run_lib.open_workdir(
+      trained, log=lambda m: None)[0].fingerprint
+  # Training the workdir keeps them as trained.
+  with pytest.raises(config_lib.ConfigError, match="model.dtype"):
+    run_lib.check_workdir(_cfg(["model.dtype=bfloat16"]), trained)
+
+
 def test_out_of_memory_is_one_line_naming_the_size_and_the_fix(monkeypatch,
                                                                capsys):
   def exhausts(args):  # a real XLA allocation failure: 32 TiB
