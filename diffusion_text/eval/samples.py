@@ -47,13 +47,13 @@ def notices(tokenizer, text: str, length: int, trained_length: int
             ) -> list[str]:
   """What a sampling request asks beyond the training data: samples longer
   than the training blocks, and prompt or infill words (pieces around each
-  "___") that are not in the vocabulary."""
+  `sampling.GAP`) that are not in the vocabulary."""
   out = []
   if length > trained_length:
     out.append(f"length {length} is longer than the {trained_length}-token "
                "blocks the model was trained on; positions past them were "
                "never trained")
-  unknown = sorted({u for piece in text.split("___")
+  unknown = sorted({u for piece in text.split(sampling.GAP)
                     for u in tokenizer.unknown(piece)})
   if unknown:
     out.append("not in the vocabulary, fixed as the unknown token: "
